@@ -1,0 +1,203 @@
+// Masked partial-gradient linear and conv2d, written once for every device.
+//
+// Layout of a masked layer (see DESIGN.md, "Masked partial-gradient layers"):
+//   output units [0, F)        frozen: read inputs [0, in_split), weights w_frozen (F, in_split)
+//   output units [F, F + T)    trainable (newest block): read inputs [0, in_active), weights w_train (T, in_active)
+//   output units [F + T, out)  inactive: zero, cost nothing
+// Inputs [in_split, in_active) are the units that are trainable in the layer
+// below; they are the only inputs whose gradient backward computes.
+//
+// Backward therefore costs (per output element) T * in_active for dW plus
+// T * (in_active - in_split) for dX, instead of 2 * out * in for a dense layer.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "kernels.h"
+
+namespace pystage {
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+struct BlockShape {
+  int64_t frozen;     // F: frozen output units
+  int64_t trainable;  // T: trainable output units
+  int64_t in_split;   // inputs read by frozen units; first input whose gradient is computed
+  int64_t in_active;  // inputs read by trainable units
+};
+
+// Checks common to linear and conv2d; `x_name`-style labels keep messages specific.
+inline BlockShape check_blocks(const at::Tensor& x, const at::Tensor& w_frozen, const c10::optional<at::Tensor>& b_frozen,
+                               const at::Tensor& w_train, const c10::optional<at::Tensor>& b_train, int64_t in_split,
+                               int64_t out_units) {
+  check_float_dtype(x, "x");
+  check_same(w_frozen, "w_frozen", x, "x");
+  check_same(w_train, "w_train", x, "x");
+  check_contiguous(x, "x");
+  check_contiguous(w_frozen, "w_frozen");
+  check_contiguous(w_train, "w_train");
+  BlockShape s{w_frozen.size(0), w_train.size(0), in_split, w_train.size(1)};
+  TORCH_CHECK(s.trainable > 0, "pystage: w_train has 0 rows: the trainable set must hold at least one unit "
+              "(a fully frozen layer should run its plain forward instead)");
+  check_range(s.in_active, "w_train.size(1) (active inputs)", 1, x.size(1), "inputs of x the trainable units read");
+  check_range(in_split, "in_split", 0, s.in_active, "first input unit that is trainable in the layer below");
+  check_dim_size(w_frozen, "w_frozen", 1, in_split, "frozen units read exactly the inputs older than in_split");
+  check_range(s.frozen + s.trainable, "active output units (w_frozen.size(0) + w_train.size(0))", 1, out_units,
+              "at most the layer's output width");
+  check_bias(b_frozen, "b_frozen", s.frozen, x);
+  check_bias(b_train, "b_train", s.trainable, x);
+  TORCH_CHECK(b_frozen.has_value() == b_train.has_value(), "pystage: b_frozen and b_train must both be given or both be None, got ",
+              b_frozen.has_value() ? "b_frozen only" : "b_train only");
+  return s;
+}
+
+// out = x @ w.T (+ b), written into a column block of a wider output.
+inline void linear_into(at::Tensor out, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+  if (x.size(1) == 0) {  // no inputs: bias only
+    if (b.has_value()) out.copy_(b->unsqueeze(0).expand_as(out)); else out.zero_();
+  } else if (b.has_value()) {
+    at::addmm_out(out, b->unsqueeze(0).expand_as(out), x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+}
+
+inline at::Tensor masked_linear_forward(const DeviceKernels&, const at::Tensor& x, const at::Tensor& w_frozen,
+                                        const c10::optional<at::Tensor>& b_frozen, const at::Tensor& w_train,
+                                        const c10::optional<at::Tensor>& b_train, int64_t in_split, int64_t out_features) {
+  check_rank(x, "x", 2, "(batch, in_features)");
+  check_rank(w_frozen, "w_frozen", 2, "(frozen_units, in_split)");
+  check_rank(w_train, "w_train", 2, "(trainable_units, in_active)");
+  auto s = check_blocks(x, w_frozen, b_frozen, w_train, b_train, in_split, out_features);
+  auto y = at::empty({x.size(0), out_features}, x.options());  // (B, out)
+  if (s.frozen > 0) linear_into(y.narrow(1, 0, s.frozen), x.narrow(1, 0, s.in_split), w_frozen, b_frozen);
+  linear_into(y.narrow(1, s.frozen, s.trainable), x.narrow(1, 0, s.in_active), w_train, b_train);
+  int64_t active = s.frozen + s.trainable;
+  if (active < out_features) y.narrow(1, active, out_features - active).zero_();
+  return y;
+}
+
+inline void check_backward_common(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_train,
+                                  int64_t in_split, int64_t out_frozen) {
+  check_same(grad_out, "grad_out", x, "x");
+  check_same(w_train, "w_train", x, "x");
+  check_contiguous(grad_out, "grad_out");
+  check_contiguous(x, "x");
+  check_contiguous(w_train, "w_train");
+  TORCH_CHECK(w_train.size(0) > 0, "pystage: w_train has 0 rows: nothing is trainable, backward has nothing to compute");
+  check_range(w_train.size(1), "w_train.size(1) (active inputs)", 1, x.size(1), "inputs of x the trainable units read");
+  check_range(in_split, "in_split", 0, w_train.size(1), "first input unit that is trainable in the layer below");
+  check_range(out_frozen + w_train.size(0), "out_frozen + trainable units", 1, grad_out.size(1),
+              "at most the output width of grad_out");
+}
+
+// Returns (grad_x, grad_w_train, grad_b_train); an entry whose output_mask bit is off is an empty tensor.
+inline Grads masked_linear_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
+                                    const at::Tensor& w_train, int64_t in_split, int64_t out_frozen,
+                                    std::array<bool, 3> mask) {
+  check_rank(grad_out, "grad_out", 2, "(batch, out_features)");
+  check_rank(x, "x", 2, "(batch, in_features)");
+  check_rank(w_train, "w_train", 2, "(trainable_units, in_active)");
+  check_backward_common(grad_out, x, w_train, in_split, out_frozen);
+  const int64_t T = w_train.size(0), in_active = w_train.size(1), n_in = in_active - in_split;
+  auto gy = grad_out.narrow(1, out_frozen, T);  // (B, T), row stride = out_features
+  at::Tensor gx, gw, gb;
+  if (mask[0]) {
+    gx = at::empty_like(x);
+    if (in_split > 0) gx.narrow(1, 0, in_split).zero_();
+    if (n_in > 0) {
+      auto gx_in = gx.narrow(1, in_split, n_in);  // (B, n_in), written in place
+      at::mm_out(gx_in, gy, w_train.narrow(1, in_split, n_in));
+    }
+    if (in_active < x.size(1)) gx.narrow(1, in_active, x.size(1) - in_active).zero_();
+  }
+  if (mask[1]) gw = at::mm(gy.t(), x.narrow(1, 0, in_active));  // (T, in_active)
+  if (mask[2]) gb = k.bias_grad(grad_out, out_frozen, T);
+  auto none = at::empty({0}, x.options());
+  return {mask[0] ? gx : none, mask[1] ? gw : none, mask[2] ? gb : none};
+}
+
+struct ConvArgs {
+  at::IntArrayRef stride, padding, dilation;
+};
+
+inline void check_conv_args(const ConvArgs& c) {
+  for (const auto& [name, v, lo] : {std::tuple<const char*, at::IntArrayRef, int64_t>{"stride", c.stride, 1},
+                             {"padding", c.padding, 0}, {"dilation", c.dilation, 1}}) {
+    TORCH_CHECK(v.size() == 2, "pystage: ", name, " must have 2 entries (h, w), got ", v.size());
+    TORCH_CHECK(v[0] >= lo && v[1] >= lo, "pystage: ", name, " must be >= ", lo, " in both dims, got ", v);
+  }
+}
+
+inline at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, const ConvArgs& c) {
+  return at::convolution(x, w, b, c.stride, c.padding, c.dilation, false, {0, 0}, 1);
+}
+
+inline at::Tensor masked_conv2d_forward(const DeviceKernels&, const at::Tensor& x, const at::Tensor& w_frozen,
+                                        const c10::optional<at::Tensor>& b_frozen, const at::Tensor& w_train,
+                                        const c10::optional<at::Tensor>& b_train, int64_t in_split, int64_t out_channels,
+                                        const ConvArgs& c) {
+  check_rank(x, "x", 4, "(batch, channels, height, width)");
+  check_rank(w_frozen, "w_frozen", 4, "(frozen_units, in_split, kh, kw)");
+  check_rank(w_train, "w_train", 4, "(trainable_units, in_active, kh, kw)");
+  check_conv_args(c);
+  auto s = check_blocks(x, w_frozen, b_frozen, w_train, b_train, in_split, out_channels);
+  TORCH_CHECK(w_frozen.size(2) == w_train.size(2) && w_frozen.size(3) == w_train.size(3),
+              "pystage: w_frozen and w_train must share a kernel size, got ", shape_str(w_frozen), " and ", shape_str(w_train));
+  auto yt = conv(x.narrow(1, 0, s.in_active), w_train, b_train, c);  // (B, T, Ho, Wo)
+  int64_t active = s.frozen + s.trainable;
+  if (s.frozen == 0 && active == out_channels) return yt;  // one block: no copy
+  auto y = at::empty({x.size(0), out_channels, yt.size(2), yt.size(3)}, x.options());
+  if (s.frozen > 0) {
+    auto yf = s.in_split > 0 ? conv(x.narrow(1, 0, s.in_split), w_frozen, b_frozen, c) : at::Tensor();
+    if (yf.defined()) y.narrow(1, 0, s.frozen).copy_(yf);
+    else if (b_frozen.has_value()) y.narrow(1, 0, s.frozen).copy_(b_frozen->view({1, -1, 1, 1}).expand({y.size(0), s.frozen, y.size(2), y.size(3)}));
+    else y.narrow(1, 0, s.frozen).zero_();
+  }
+  y.narrow(1, s.frozen, s.trainable).copy_(yt);
+  if (active < out_channels) y.narrow(1, active, out_channels - active).zero_();
+  return y;
+}
+
+inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
+                                    const at::Tensor& w_train, int64_t in_split, int64_t out_frozen, const ConvArgs& c,
+                                    std::array<bool, 3> mask) {
+  check_rank(grad_out, "grad_out", 4, "(batch, out_channels, height, width)");
+  check_rank(x, "x", 4, "(batch, channels, height, width)");
+  check_rank(w_train, "w_train", 4, "(trainable_units, in_active, kh, kw)");
+  check_conv_args(c);
+  check_backward_common(grad_out, x, w_train, in_split, out_frozen);
+  const int64_t T = w_train.size(0), in_active = w_train.size(1), n_in = in_active - in_split;
+  auto gy = grad_out.narrow(1, out_frozen, T);
+  if (out_frozen > 0 || T < grad_out.size(1)) gy = gy.contiguous();  // (B, T, Ho, Wo)
+  at::Tensor gx, gw, gb;
+  const std::vector<int64_t> out_pad{0, 0};
+  if (mask[1]) {
+    gw = std::get<1>(at::convolution_backward(gy, x.narrow(1, 0, in_active), w_train, c10::nullopt, c.stride, c.padding,
+                                              c.dilation, false, out_pad, 1, {false, true, false}));
+  }
+  if (mask[0]) {
+    if (n_in == x.size(1)) {  // every input trainable: write grad_x directly
+      gx = std::get<0>(at::convolution_backward(gy, x, w_train, c10::nullopt, c.stride, c.padding, c.dilation, false,
+                                                out_pad, 1, {true, false, false}));
+    } else {
+      gx = at::zeros_like(x);
+      if (n_in > 0) {
+        auto w_in = w_train.narrow(1, in_split, n_in).contiguous();
+        auto gxi = std::get<0>(at::convolution_backward(gy, x.narrow(1, in_split, n_in), w_in, c10::nullopt, c.stride,
+                                                        c.padding, c.dilation, false, out_pad, 1, {true, false, false}));
+        gx.narrow(1, in_split, n_in).copy_(gxi);
+      }
+    }
+  }
+  if (mask[2]) gb = k.bias_grad(grad_out, out_frozen, T);
+  auto none = at::empty({0}, x.options());
+  return {mask[0] ? gx : none, mask[1] ? gw : none, mask[2] ? gb : none};
+}
+
+}  // namespace pystage
