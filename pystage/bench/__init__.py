@@ -1,0 +1,1 @@
+"""``pystage-bench``: the benchmarks behind the README's figures (one module per job)."""

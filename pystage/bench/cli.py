@@ -1,0 +1,44 @@
+"""The ``pystage-bench`` command: one sub-command per benchmark module.
+
+Each module in ``JOBS`` defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+# sub-command -> (module, one-line help); the first entry is the default job.
+JOBS = {
+    "layers": ("pystage.bench.layers", "masked vs dense vs hook vs composed backward of conv/linear layers"),
+    "store": ("pystage.bench.store", "feature store: shuffled streaming read vs raw read, write speed, RAM"),
+}
+DEFAULT_JOB = "layers"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pystage-bench", description="pystage benchmarks; each prints a table "
+                                     "and writes JSON with --json PATH. Default job: " + DEFAULT_JOB)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="job")
+    for name, (module, help_text) in JOBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not any(a in JOBS for a in argv) and not any(a in ("-h", "--help") for a in argv):
+        argv = [a for a in argv if a in ("-v", "--verbose")] + [DEFAULT_JOB] + [a for a in argv if a not in ("-v", "--verbose")]
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    module = importlib.import_module(JOBS[args.job][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
