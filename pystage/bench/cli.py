@@ -18,23 +18,27 @@ JOBS = {
 DEFAULT_JOB = "layers"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(job: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; only the selected job's module is imported (each job may pull in heavy dependencies)."""
     parser = argparse.ArgumentParser(prog="pystage-bench", description="pystage benchmarks; each prints a table "
                                      "and writes JSON with --json PATH. Default job: " + DEFAULT_JOB)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="job")
     for name, (module, help_text) in JOBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if name == job:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if not any(a in JOBS for a in argv) and not any(a in ("-h", "--help") for a in argv):
-        argv = [a for a in argv if a in ("-v", "--verbose")] + [DEFAULT_JOB] + [a for a in argv if a not in ("-v", "--verbose")]
-    args = parser.parse_args(argv)
+    job = next((a for a in argv if a in JOBS), None)
+    if job is None and not any(a in ("-h", "--help") for a in argv):
+        job = DEFAULT_JOB
+        flags = [a for a in argv if a in ("-v", "--verbose")]
+        argv = flags + [job] + [a for a in argv if a not in flags]
+    args = build_parser(job).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     module = importlib.import_module(JOBS[args.job][0])
     return int(module.run(args) or 0)
