@@ -177,6 +177,15 @@ inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& gr
   if (out_frozen > 0 || T < grad_out.size(1)) gy = gy.contiguous();  // (B, T, Ho, Wo)
   at::Tensor gx, gw, gb;
   const std::vector<int64_t> out_pad{0, 0};
+  if (mask[2]) gb = k.bias_grad(grad_out, out_frozen, T);
+  if (k.conv2d_grads_direct && (mask[0] || mask[1])) {  // few trainable units: skip oneDNN's fixed costs
+    at::Tensor dx = mask[0] ? at::zeros_like(x) : at::Tensor(), dw = mask[1] ? at::empty_like(w_train) : at::Tensor();
+    if (k.conv2d_grads_direct(gy, x, w_train, in_split, c.stride, c.padding, c.dilation, mask[0] ? &dx : nullptr,
+                              mask[1] ? &dw : nullptr)) {
+      auto none = at::empty({0}, x.options());
+      return {mask[0] ? dx : none, mask[1] ? dw : none, mask[2] ? gb : none};
+    }
+  }
   if (mask[1]) {
     gw = std::get<1>(at::convolution_backward(gy, x.narrow(1, 0, in_active), w_train, c10::nullopt, c.stride, c.padding,
                                               c.dilation, false, out_pad, 1, {false, true, false}));
@@ -195,7 +204,6 @@ inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& gr
       }
     }
   }
-  if (mask[2]) gb = k.bias_grad(grad_out, out_frozen, T);
   auto none = at::empty({0}, x.options());
   return {mask[0] ? gx : none, mask[1] ? gw : none, mask[2] ? gb : none};
 }

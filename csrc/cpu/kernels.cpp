@@ -31,7 +31,7 @@ void block_triangular_mask(const at::Tensor& weight, c10::IntArrayRef out_ends, 
 }  // namespace
 
 const DeviceKernels& cpu_kernels() {
-  static const DeviceKernels k{&gather_dim1, &scatter_dim1, &bias_grad, &block_triangular_mask};
+  static const DeviceKernels k{&gather_dim1, &scatter_dim1, &bias_grad, &block_triangular_mask, &conv2d_grads_direct};
   return k;
 }
 
