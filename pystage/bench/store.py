@@ -1,0 +1,207 @@
+"""``pystage-bench store``: feature-store write speed, shuffled streaming read vs raw np.memmap read, extra RAM.
+
+Both reads are measured warm (both files in the page cache: one untimed pass of each first) and, with
+``--cache both`` (the default) or ``cold``, also cold (posix_fadvise DONTNEED on both files, after fsync,
+before every timed pass: both read from the disk). ``read_ratio`` is the warm ratio when warm reads ran;
+``read_ratio_cold`` the cold one. The raw read copies the same bytes (features, then labels) sequentially from a
+plain file through np.memmap into a reused buffer, batch by batch; the store read streams shuffled batches.
+Peak extra RSS (psutil, sampled every 2 ms in a thread, minus the RSS before streaming) is taken in a
+separate untimed epoch, because the sampling thread competes for the GIL and would slow the timed reads.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from pystage.bench.report import environment, format_table, print_environment, write_json
+from pystage.store import FeatureStore, StoreEntry, parse_size
+from pystage.store.format import FEATURES, LABELS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", default="2GiB", help="store size (features + labels), e.g. 512MiB, 2GiB")
+    parser.add_argument("--ram-budget", default="256MiB", help="FeatureStore ram_budget while streaming")
+    parser.add_argument("--root", default=None, help="store root (default: a temporary directory, removed afterwards)")
+    parser.add_argument("--feature-shape", default="32,16,16", help="shape of one row (CIFAR stage-like)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each read; the median is reported")
+    parser.add_argument("--cache", default="both", choices=["warm", "cold", "both"],
+                        help="page cache state of both reads (default: both, reported separately)")
+    parser.add_argument("--json", default=None, help="write the results here")
+
+
+class _Batches(IterableDataset):
+    """``rows`` synthetic rows in ready batches (random features cycled from a 64 MiB pool, labels 0..rows-1)."""
+
+    def __init__(self, rows: int, shape: tuple[int, ...], dtype: torch.dtype, batch_size: int) -> None:
+        super().__init__()
+        self.rows, self.batch_size = rows, batch_size
+        pool_rows = max(batch_size, (64 << 20) // (int(np.prod(shape)) * torch.finfo(dtype).bits // 8))
+        self.pool = torch.randn((pool_rows, *shape), generator=torch.Generator().manual_seed(0)).to(dtype)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for a in range(0, self.rows, self.batch_size):
+            n = min(self.batch_size, self.rows - a)
+            p = a % (len(self.pool) - n + 1)
+            yield self.pool[p:p + n], torch.arange(a, a + n)  # (B, *shape), (B,)
+
+
+class _PeakRSS:
+    """Peak RSS above the value at start, sampled every 2 ms in a thread."""
+
+    def __enter__(self) -> "_PeakRSS":
+        self.proc, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _write_raw(entry: StoreEntry, path: str) -> None:
+    """The entry's feature bytes then its label bytes, in row order, as a plain file."""
+    import h5py
+
+    with h5py.File(entry.path, "r") as f, open(path, "wb") as out:
+        for name in (FEATURES, LABELS):
+            d = f[name]
+            step = max(1, (64 << 20) // max(1, d.dtype.itemsize * int(np.prod(d.shape[1:]))))
+            for a in range(0, d.shape[0], step):
+                out.write(np.ascontiguousarray(d[a:a + step]).data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _read_raw(path: str, chunk: int) -> float:
+    """Seconds to copy the whole file through np.memmap into a reused buffer, ``chunk`` bytes at a time."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    buf = np.empty(chunk, np.uint8)
+    t0 = time.perf_counter()
+    for a in range(0, len(mm), chunk):
+        n = min(chunk, len(mm) - a)
+        np.copyto(buf[:n], mm[a:a + n])
+    seconds = time.perf_counter() - t0
+    del mm
+    return seconds
+
+
+def _read_store(entry: StoreEntry, batch_size: int, epoch: int) -> tuple[float, int]:
+    """(seconds, rows) of one shuffled epoch."""
+    rows = 0
+    t0 = time.perf_counter()
+    for xb, _ in entry.stream(batch_size=batch_size, shuffle=True, seed=0, epoch=epoch):
+        rows += len(xb)
+    return time.perf_counter() - t0, rows
+
+
+def _store_extra_rss(entry: StoreEntry, batch_size: int) -> float:
+    """Peak extra RSS (MiB) of one shuffled epoch, in its own untimed pass: the sampling thread slows reads."""
+    with _PeakRSS() as rss:
+        for xb, _ in entry.stream(batch_size=batch_size, shuffle=True, seed=0, epoch=2000):
+            del xb
+    return rss.extra_mib
+
+
+def _measure(entry: StoreEntry, raw: str, args: argparse.Namespace, mode: str, chunk: int) -> dict[str, float]:
+    """Median store and raw read speeds (MB/s) over ``args.repeats`` passes with the page cache ``mode``."""
+    if mode == "warm":  # one untimed pass of each, so that both are read from the page cache
+        _read_raw(raw, chunk)
+        _read_store(entry, args.batch_size, epoch=1000)
+    store_runs, raw_runs = [], []
+    for rep in range(args.repeats):
+        if mode == "cold":
+            _drop_cache(entry.path)
+        store_runs.append(_read_store(entry, args.batch_size, epoch=rep))
+        if store_runs[-1][1] != entry.num_rows:
+            raise RuntimeError(f"the stream yielded {store_runs[-1][1]} rows, expected {entry.num_rows}")
+        if mode == "cold":
+            _drop_cache(raw)
+        raw_runs.append(_read_raw(raw, chunk))
+    store_s, raw_s, mb = statistics.median(r[0] for r in store_runs), statistics.median(raw_runs), entry.nbytes / 1e6
+    return {f"{mode}_store_read_mb_s": mb / store_s, f"{mode}_raw_read_mb_s": mb / raw_s,
+            f"{mode}_read_ratio": raw_s / store_s, f"{mode}_extra_rss_mib": _store_extra_rss(entry, args.batch_size)}
+
+
+def run(args: argparse.Namespace) -> int:
+    env = environment("cpu")
+    print_environment(env)
+    size, budget = parse_size(args.size, "--size"), parse_size(args.ram_budget, "--ram-budget")
+    shape = tuple(int(s) for s in args.feature_shape.split(","))
+    dtype = getattr(torch, args.dtype)
+    row_bytes = int(np.prod(shape)) * torch.finfo(dtype).bits // 8 + 8  # features + int64 label
+    rows = size // row_bytes
+    root = args.root or tempfile.mkdtemp(prefix="pystage-bench-store-")
+    try:
+        store = FeatureStore(root, ram_budget=budget)
+        data = DataLoader(_Batches(rows, shape, dtype, args.batch_size), batch_size=None)
+        key = store.key(upstream=f"bench-{rows}-{shape}", module=nn.Identity(), dtype=dtype)
+        store.remove(key)
+        t0 = time.perf_counter()
+        entry = store.build(key, nn.Identity(), data, batch_size=args.batch_size, progress=False)
+        write_s = time.perf_counter() - t0
+        raw = os.path.join(root, "raw.bin")
+        _write_raw(entry, raw)
+        nbytes = entry.nbytes
+        chunk = args.batch_size * row_bytes
+        result: dict[str, Any] = {}
+        for mode in (["warm", "cold"] if args.cache == "both" else [args.cache]):
+            result.update(_measure(entry, raw, args, mode, chunk))
+        first = "warm" if "warm_store_read_mb_s" in result else "cold"
+        mb = nbytes / 1e6
+        result = {
+            "store_read_mb_s": result[f"{first}_store_read_mb_s"], "raw_read_mb_s": result[f"{first}_raw_read_mb_s"],
+            "read_ratio": result[f"{first}_read_ratio"], "read_cache": first,
+            "write_mb_s": mb / write_s, "extra_rss_mib": max(v for k, v in result.items() if k.endswith("extra_rss_mib")),
+            "store_bytes": nbytes, "file_bytes": os.path.getsize(entry.path), "rows": entry.num_rows,
+            "feature_shape": list(shape), "dtype": args.dtype, "ram_budget_bytes": budget,
+            "batch_size": args.batch_size, "repeats": args.repeats, "shuffle": True, "chunk_rows": entry.chunk_rows,
+            **({"read_ratio_cold": result["cold_read_ratio"]} if "cold_read_ratio" in result else {}), **result,
+        }
+    finally:
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+    table = [{"what": "store write (build, fsync)", "cache": "-", "MB/s": result["write_mb_s"]}]
+    for mode in ("warm", "cold"):
+        if f"{mode}_read_ratio" in result:
+            table += [{"what": "store read, shuffled stream", "cache": mode, "MB/s": result[f"{mode}_store_read_mb_s"],
+                       "ratio": result[f"{mode}_read_ratio"], "extra RSS MiB": result[f"{mode}_extra_rss_mib"]},
+                      {"what": "raw read, sequential np.memmap", "cache": mode, "MB/s": result[f"{mode}_raw_read_mb_s"]}]
+    print(f"store: {nbytes / 2**30:.2f} GiB, {result['rows']} rows of {shape} {args.dtype}, "
+          f"ram_budget {budget / 2**20:.0f} MiB, median of {args.repeats} passes; ratio = store / raw")
+    print(format_table(table, ["what", "cache", "MB/s", "ratio", "extra RSS MiB"]))
+    write_json(args.json, {"environment": env, **result})
+    return 0

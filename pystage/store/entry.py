@@ -1,0 +1,100 @@
+"""StoreEntry: one complete entry of the store, opened for reading."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from pystage.store.format import EntryMeta, decode_json_attr
+from pystage.store.reader import BlockReader, verify_checksums
+from pystage.store.stream import StoreDataset, StreamOptions, iter_stream, plan_stream
+
+Device = Union[str, torch.device, None]
+
+
+class StoreEntry:
+    """Features and labels of one key: metadata, ``stream()`` of batches, ``dataset()`` for DataLoader workers."""
+
+    def __init__(self, meta: EntryMeta, ram_budget: int) -> None:
+        self._meta, self.ram_budget = meta, ram_budget
+        self._resident: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._lock = threading.Lock()
+
+    path = property(lambda self: self._meta.path, doc="The entry's HDF5 file.")
+    key = property(lambda self: self._meta.key, doc="The entry's key (32 hex digits).")
+    num_rows = property(lambda self: self._meta.num_rows, doc="Rows (samples) in the entry.")
+    feature_shape = property(lambda self: self._meta.feature_shape, doc="Shape of one row's features.")
+    label_shape = property(lambda self: self._meta.label_shape, doc="Shape of one row's label (() for class ids).")
+    dtype = property(lambda self: self._meta.dtype, doc="torch dtype of the features as served.")
+    nbytes = property(lambda self: self._meta.nbytes, doc="Bytes of features and labels (the file is a little larger).")
+    chunk_rows = property(lambda self: self._meta.chunk_rows, doc="Rows per HDF5 chunk.")
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """All metadata attributes, with ``shard`` and ``extra`` decoded."""
+        m = dict(self._meta.attrs)
+        m["shard"], m["extra"] = decode_json_attr(m, "shard"), decode_json_attr(m, "extra")
+        return m
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __repr__(self) -> str:
+        return (f"StoreEntry(key={self.key}, rows={self.num_rows}, feature_shape={self.feature_shape}, "
+                f"dtype={self.dtype}, path={self.path!r})")
+
+    def _options(self, batch_size: int, shuffle: bool, seed: int, epoch: int, device: Device, drop_last: bool,
+                 check: bool) -> StreamOptions:
+        return StreamOptions(batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last,
+                             device=None if device is None else torch.device(device), check=check)
+
+    def stream(self, batch_size: int = 50, shuffle: bool = True, seed: int = 0, epoch: int = 0, device: Device = None,
+               drop_last: bool = False, check: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(x, y)`` batches, ``x: (B, *feature_shape)``; same (seed, epoch) -> same order.
+
+        Reads chunk-aligned blocks in shuffled order into two reused windows (a background thread fills one
+        while batches are cut from the other, rows permuted within the window), so extra RAM stays under
+        ``ram_budget``; an entry that fits half the budget is loaded once and kept in RAM. ``check`` verifies
+        each chunk's CRC as it is read. On CUDA, batches are gathered into pinned memory and copied non-blocking.
+        """
+        opts = self._options(batch_size, shuffle, seed, epoch, device, drop_last, check)
+        return iter_stream(self._meta, self.ram_budget, opts, resident=None if check else self._load_resident)
+
+    def dataset(self, batch_size: int = 50, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                drop_last: bool = False, check: bool = False) -> StoreDataset:
+        """A torch IterableDataset of CPU batches for ``DataLoader(ds, batch_size=None, num_workers=k)``."""
+        return StoreDataset(self._meta, self.ram_budget, self._options(batch_size, shuffle, seed, epoch, None,
+                                                                        drop_last, check))
+
+    def iter_rows(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Rows ``[start, stop)`` in order, in batches (what build() reads when the next stage is sharded)."""
+        opts = StreamOptions(batch_size=batch_size, shuffle=False, rows=(start, stop))
+        return iter_stream(self._meta, self.ram_budget, opts, resident=None)
+
+    def verify(self) -> list[tuple[int, int, int]]:
+        """Chunks whose CRC does not match, as ``(chunk, first_row, stop_row)``; empty when the data is intact."""
+        return verify_checksums(self._meta, plan_stream(self._meta, self.ram_budget, 1).block_rows)
+
+    def _load_resident(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole entry in RAM, read once in chunk-aligned blocks (only when it fits half of ram_budget)."""
+        with self._lock:
+            if self._resident is None:
+                m = self._meta
+                x = np.empty((m.num_rows, *m.feature_shape), m.stored_dtype)  # (N, *feature_shape)
+                y = np.empty((m.num_rows, *m.label_shape), m.label_dtype)  # (N, *label_shape)
+                reader = BlockReader(m)
+                try:
+                    if m.num_rows:
+                        reader.read(0, m.num_rows, x, y)
+                finally:
+                    reader.close()
+                self._resident = (x, y)
+            return self._resident
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_meta": self._meta, "ram_budget": self.ram_budget}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["_meta"], state["ram_budget"])  # type: ignore[misc]

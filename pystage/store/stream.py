@@ -1,0 +1,242 @@
+"""Shuffled, prefetched streaming of an entry in batches, under a RAM budget (and its DataLoader dataset)."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pystage.store.errors import StoreArgumentError
+from pystage.store.format import EntryMeta
+from pystage.store.reader import BlockReader
+
+log = logging.getLogger(__name__)
+BLOCK_BYTES = 4 << 20  # largest contiguous read; blocks are whole chunks
+_END = object()
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How a stream uses its RAM budget: the whole entry in RAM, or two windows of whole blocks."""
+
+    resident: bool
+    block_rows: int
+    window_rows: int
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """One epoch's stream: batch size, order, rows, device."""
+
+    batch_size: int = 50
+    shuffle: bool = True
+    seed: int = 0
+    epoch: int = 0
+    drop_last: bool = False
+    device: Optional[torch.device] = None
+    check: bool = False  # verify each chunk's CRC as it is read
+    worker: tuple[int, int] = (0, 1)  # (index, count): this worker reads every count-th block of the epoch's order
+    rows: Optional[tuple[int, int]] = None  # a row range (sequential reads for build); None: all rows
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise StoreArgumentError("batch_size", self.batch_size, "a positive int")
+        for name in ("seed", "epoch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise StoreArgumentError(name, getattr(self, name), "a non-negative int")
+
+
+def plan_stream(meta: EntryMeta, ram_budget: int, batch_size: int, workers: int = 1) -> StreamPlan:
+    """Resident if the entry fits half the (per-worker) budget; else two windows of a quarter of it each."""
+    budget = ram_budget // max(1, workers)
+    row = meta.row_bytes + meta.label_row_bytes
+    cr = meta.chunk_rows
+    if meta.nbytes + 2 * batch_size * row <= budget // 2:
+        return StreamPlan(True, cr, meta.num_rows)
+    if budget // 4 < cr * row:
+        log.warning("ram_budget %d bytes (per worker) holds less than four %d-byte chunks of %s: streaming one chunk "
+                    "at a time, above the budget", budget, cr * row, meta.path)
+    window_chunks = max(1, budget // 4 // (cr * row))
+    block_chunks = max(1, min(BLOCK_BYTES // (cr * row), window_chunks // 8))
+    window_chunks = max(block_chunks, window_chunks // block_chunks * block_chunks)
+    return StreamPlan(False, block_chunks * cr, window_chunks * cr)
+
+
+def _blocks(meta: EntryMeta, plan: StreamPlan, opts: StreamOptions, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """This worker's blocks ``(start, stop)`` in epoch order: chunk-grid aligned, clipped to ``opts.rows``."""
+    lo, hi = opts.rows or (0, meta.num_rows)
+    br = plan.block_rows
+    edges = [lo] + list(range((lo // br + 1) * br, hi, br)) + [hi]
+    blocks = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    if opts.shuffle:
+        blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+    index, count = opts.worker
+    return blocks[index::count]
+
+
+def _windows(blocks: list[tuple[int, int]], window_rows: int) -> list[list[tuple[int, int]]]:
+    groups: list[list[tuple[int, int]]] = [[]]
+    rows = 0
+    for a, b in blocks:
+        if rows + b - a > window_rows and groups[-1]:
+            groups.append([])
+            rows = 0
+        groups[-1].append((a, b))
+        rows += b - a
+    return [g for g in groups if g]
+
+
+class _Prefetcher:
+    """A thread that fills two reused window buffers in turn while the consumer cuts batches from the other."""
+
+    def __init__(self, meta: EntryMeta, groups: list[list[tuple[int, int]]], window_rows: int, check: bool) -> None:
+        self.reader = BlockReader(meta, check=check)
+        self.groups, self.ready, self.free = groups, queue.Queue(), queue.Queue()  # type: ignore[var-annotated]
+        rows = min(window_rows, max((sum(b - a for a, b in g) for g in groups), default=1))
+        for _ in range(min(2, len(groups))):
+            self.free.put((np.empty((rows, *meta.feature_shape), meta.stored_dtype),  # (W, *feature_shape)
+                           np.empty((rows, *meta.label_shape), meta.label_dtype)))  # (W, *label_shape)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pystage-store-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for group in self.groups:
+                bufs = self.free.get()
+                if bufs is None or self.stop.is_set():
+                    return
+                n = 0
+                for a, b in group:
+                    self.reader.read(a, b, bufs[0], bufs[1], at=n)
+                    n += b - a
+                self.ready.put((bufs, n))
+            self.ready.put(_END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            self.ready.put(e)
+
+    def __iter__(self) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], int]]:
+        while True:
+            item = self.ready.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            self.free.put(item[0])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.free.put(None)
+        self.thread.join()
+        self.reader.close()
+
+
+def _emit(x: np.ndarray, y: np.ndarray, meta: EntryMeta, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor]:
+    xt = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if meta.dtype == torch.bfloat16 else torch.from_numpy(x)
+    yt = torch.from_numpy(y)
+    if device is not None and device.type != "cpu":
+        return xt.to(device, non_blocking=True), yt.to(device, non_blocking=True)
+    return xt, yt
+
+
+def _alloc(rows: int, meta: EntryMeta, pinned: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's output arrays; in pinned (page-locked) memory when the batch goes to CUDA."""
+    if not pinned:
+        return np.empty((rows, *meta.feature_shape), meta.stored_dtype), np.empty((rows, *meta.label_shape), meta.label_dtype)
+    xt = torch.empty((rows, meta.row_bytes), dtype=torch.uint8, pin_memory=True)
+    yt = torch.empty((rows, meta.label_row_bytes), dtype=torch.uint8, pin_memory=True)
+    return (xt.numpy().view(meta.stored_dtype).reshape(rows, *meta.feature_shape),
+            yt.numpy().view(meta.label_dtype).reshape(rows, *meta.label_shape))
+
+
+def cut_batches(windows: Any, meta: EntryMeta, opts: StreamOptions, rng: np.random.Generator
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from filled windows: rows permuted within each window; a batch may span two windows."""
+    bsz, device = opts.batch_size, opts.device
+    pinned = device is not None and device.type == "cuda"
+    bx, by, fill = None, None, 0
+    for (xbuf, ybuf), n in windows:
+        order = rng.permutation(n) if opts.shuffle else None
+        pos = 0
+        while pos < n:
+            if bx is None:
+                bx, by = _alloc(bsz, meta, pinned)
+            take = min(bsz - fill, n - pos)
+            if order is None:
+                np.copyto(bx[fill:fill + take], xbuf[pos:pos + take])
+                np.copyto(by[fill:fill + take], ybuf[pos:pos + take])
+            else:
+                idx = order[pos:pos + take]
+                np.take(xbuf, idx, axis=0, out=bx[fill:fill + take], mode="clip")
+                np.take(ybuf, idx, axis=0, out=by[fill:fill + take], mode="clip")
+            fill, pos = fill + take, pos + take
+            if fill == bsz:
+                yield _emit(bx, by, meta, device)
+                bx, by, fill = None, None, 0
+    if fill and not opts.drop_last:
+        yield _emit(bx[:fill], by[:fill], meta, device)  # type: ignore[index]
+
+
+def iter_stream(meta: EntryMeta, ram_budget: int, opts: StreamOptions, resident: Optional[Any] = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``(x, y)`` batches; ``resident()`` returns the whole entry in RAM when the plan allows it."""
+    plan = plan_stream(meta, ram_budget, opts.batch_size, opts.worker[1])
+    rng = np.random.default_rng((opts.seed, opts.epoch, 0))
+    blocks = _blocks(meta, plan, opts, rng)
+    rows_rng = np.random.default_rng((opts.seed, opts.epoch, 1 + opts.worker[0]))
+    if plan.resident and resident is not None and opts.rows is None:
+        x, y = resident()  # (N, *feature_shape), (N, *label_shape): loaded once, kept by the entry
+        order = np.concatenate([np.arange(a, b) for a, b in blocks]) if blocks else np.empty(0, np.int64)
+        if opts.shuffle:
+            order = order[rows_rng.permutation(len(order))]  # resident: one window, the whole entry
+        yield from _resident_batches(x, y, order, meta, opts)
+        return
+    prefetcher = _Prefetcher(meta, _windows(blocks, plan.window_rows), plan.window_rows, opts.check)
+    try:
+        yield from cut_batches(prefetcher, meta, opts, rows_rng)
+    finally:
+        prefetcher.close()
+
+
+def _resident_batches(x: np.ndarray, y: np.ndarray, order: np.ndarray, meta: EntryMeta, opts: StreamOptions
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    pinned = opts.device is not None and opts.device.type == "cuda"
+    for i in range(0, len(order), opts.batch_size):
+        idx = order[i:i + opts.batch_size]
+        if len(idx) < opts.batch_size and opts.drop_last:
+            return
+        bx, by = _alloc(len(idx), meta, pinned)
+        np.take(x, idx, axis=0, out=bx, mode="clip")
+        np.take(y, idx, axis=0, out=by, mode="clip")
+        yield _emit(bx, by, meta, opts.device)
+
+
+class StoreDataset(IterableDataset):
+    """An entry as an IterableDataset of ready batches; use ``DataLoader(ds, batch_size=None, num_workers=k)``.
+
+    Each worker opens the file itself (lazily, in the worker) and reads every k-th block of the epoch's
+    shuffled block order, with ``ram_budget / k``. Call ``set_epoch(e)`` before each epoch for a new order.
+    """
+
+    def __init__(self, meta: EntryMeta, ram_budget: int, opts: StreamOptions) -> None:
+        super().__init__()
+        self.meta, self.ram_budget, self.opts = meta, ram_budget, opts
+
+    def set_epoch(self, epoch: int) -> None:
+        self.opts = StreamOptions(**{**self.opts.__dict__, "epoch": epoch})
+
+    def __len__(self) -> int:
+        n, b = self.meta.num_rows, self.opts.batch_size
+        return n // b if self.opts.drop_last else -(-n // b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker = (info.id, info.num_workers) if info is not None else (0, 1)
+        opts = StreamOptions(**{**self.opts.__dict__, "worker": worker})
+        return iter_stream(self.meta, self.ram_budget, opts, resident=None)
