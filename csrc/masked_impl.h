@@ -31,6 +31,38 @@ struct BlockShape {
   int64_t in_active;  // inputs read by trainable units
 };
 
+// Backward results; an output whose mask bit is off is its own empty tensor (outputs must not alias).
+inline Grads pack_grads(const at::Tensor& x, std::array<bool, 3> mask, const at::Tensor& gx, const at::Tensor& gw,
+                        const at::Tensor& gb) {
+  auto none = [&] { return at::empty({0}, x.options()); };
+  return {mask[0] ? gx : none(), mask[1] ? gw : none(), mask[2] ? gb : none()};
+}
+
+// Growth steps of the frozen block: rows [rows[s-1], rows[s]) read inputs [0, cols[s]). Empty lists: one step
+// (every frozen row reads [0, in_split)). Running one GEMM per step keeps each frozen unit's arithmetic exactly
+// what it was while it trained, so its output stays bit-identical after later growth.
+struct FrozenSteps {
+  std::vector<int64_t> rows, cols;
+};
+
+inline FrozenSteps check_steps(at::IntArrayRef rows, at::IntArrayRef cols, int64_t frozen, int64_t in_split) {
+  TORCH_CHECK(rows.size() == cols.size(), "pystage: frozen_rows and frozen_cols must list the same growth steps, got ",
+              rows.size(), " and ", cols.size(), " entries");
+  if (rows.empty()) return {{frozen}, {in_split}};
+  int64_t r = 0, c = 0;
+  for (size_t s = 0; s < rows.size(); ++s) {
+    TORCH_CHECK(rows[s] > r && rows[s] <= frozen, "pystage: frozen_rows[", s, "] must be in [", r + 1, ", ", frozen,
+                "] (cumulative frozen units after each growth step, increasing), got ", rows[s]);
+    TORCH_CHECK(cols[s] >= c && cols[s] <= in_split, "pystage: frozen_cols[", s, "] must be in [", c, ", ", in_split,
+                "] (inputs read by that step's units, non-decreasing), got ", cols[s]);
+    r = rows[s];
+    c = cols[s];
+  }
+  TORCH_CHECK(r == frozen && c == in_split, "pystage: the last growth step must end at w_frozen's shape (", frozen, ", ",
+              in_split, "), got frozen_rows[-1]=", r, ", frozen_cols[-1]=", c);
+  return {rows.vec(), cols.vec()};
+}
+
 // Checks common to linear and conv2d; `x_name`-style labels keep messages specific.
 inline BlockShape check_blocks(const at::Tensor& x, const at::Tensor& w_frozen, const c10::optional<at::Tensor>& b_frozen,
                                const at::Tensor& w_train, const c10::optional<at::Tensor>& b_train, int64_t in_split,
@@ -69,13 +101,19 @@ inline void linear_into(at::Tensor out, const at::Tensor& x, const at::Tensor& w
 
 inline at::Tensor masked_linear_forward(const DeviceKernels&, const at::Tensor& x, const at::Tensor& w_frozen,
                                         const c10::optional<at::Tensor>& b_frozen, const at::Tensor& w_train,
-                                        const c10::optional<at::Tensor>& b_train, int64_t in_split, int64_t out_features) {
+                                        const c10::optional<at::Tensor>& b_train, int64_t in_split, int64_t out_features,
+                                        at::IntArrayRef frozen_rows, at::IntArrayRef frozen_cols) {
   check_rank(x, "x", 2, "(batch, in_features)");
   check_rank(w_frozen, "w_frozen", 2, "(frozen_units, in_split)");
   check_rank(w_train, "w_train", 2, "(trainable_units, in_active)");
   auto s = check_blocks(x, w_frozen, b_frozen, w_train, b_train, in_split, out_features);
+  auto steps = check_steps(frozen_rows, frozen_cols, s.frozen, in_split);
   auto y = at::empty({x.size(0), out_features}, x.options());  // (B, out)
-  if (s.frozen > 0) linear_into(y.narrow(1, 0, s.frozen), x.narrow(1, 0, s.in_split), w_frozen, b_frozen);
+  for (size_t i = 0; s.frozen > 0 && i < steps.rows.size(); ++i) {
+    const int64_t r0 = i ? steps.rows[i - 1] : 0, n = steps.rows[i] - r0, c = steps.cols[i];
+    c10::optional<at::Tensor> b = b_frozen ? c10::optional<at::Tensor>(b_frozen->narrow(0, r0, n)) : c10::nullopt;
+    linear_into(y.narrow(1, r0, n), x.narrow(1, 0, c), w_frozen.narrow(0, r0, n).narrow(1, 0, c), b);
+  }
   linear_into(y.narrow(1, s.frozen, s.trainable), x.narrow(1, 0, s.in_active), w_train, b_train);
   int64_t active = s.frozen + s.trainable;
   if (active < out_features) y.narrow(1, active, out_features - active).zero_();
@@ -92,8 +130,10 @@ inline void check_backward_common(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK(w_train.size(0) > 0, "pystage: w_train has 0 rows: nothing is trainable, backward has nothing to compute");
   check_range(w_train.size(1), "w_train.size(1) (active inputs)", 1, x.size(1), "inputs of x the trainable units read");
   check_range(in_split, "in_split", 0, w_train.size(1), "first input unit that is trainable in the layer below");
+  check_range(out_frozen, "out_frozen", 0, grad_out.size(1) - 1, "frozen output units before the trainable block");
   check_range(out_frozen + w_train.size(0), "out_frozen + trainable units", 1, grad_out.size(1),
               "at most the output width of grad_out");
+  check_dim_size(grad_out, "grad_out", 0, x.size(0), "one gradient row per sample of x");
 }
 
 // Returns (grad_x, grad_w_train, grad_b_train); an entry whose output_mask bit is off is an empty tensor.
@@ -118,8 +158,7 @@ inline Grads masked_linear_backward(const DeviceKernels& k, const at::Tensor& gr
   }
   if (mask[1]) gw = at::mm(gy.t(), x.narrow(1, 0, in_active));  // (T, in_active)
   if (mask[2]) gb = k.bias_grad(grad_out, out_frozen, T);
-  auto none = at::empty({0}, x.options());
-  return {mask[0] ? gx : none, mask[1] ? gw : none, mask[2] ? gb : none};
+  return pack_grads(x, mask, gx, gw, gb);
 }
 
 struct ConvArgs {
@@ -141,23 +180,30 @@ inline at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::opti
 inline at::Tensor masked_conv2d_forward(const DeviceKernels&, const at::Tensor& x, const at::Tensor& w_frozen,
                                         const c10::optional<at::Tensor>& b_frozen, const at::Tensor& w_train,
                                         const c10::optional<at::Tensor>& b_train, int64_t in_split, int64_t out_channels,
-                                        const ConvArgs& c) {
+                                        const ConvArgs& c, at::IntArrayRef frozen_rows, at::IntArrayRef frozen_cols) {
   check_rank(x, "x", 4, "(batch, channels, height, width)");
   check_rank(w_frozen, "w_frozen", 4, "(frozen_units, in_split, kh, kw)");
   check_rank(w_train, "w_train", 4, "(trainable_units, in_active, kh, kw)");
   check_conv_args(c);
   auto s = check_blocks(x, w_frozen, b_frozen, w_train, b_train, in_split, out_channels);
+  auto steps = check_steps(frozen_rows, frozen_cols, s.frozen, in_split);
   TORCH_CHECK(w_frozen.size(2) == w_train.size(2) && w_frozen.size(3) == w_train.size(3),
               "pystage: w_frozen and w_train must share a kernel size, got ", shape_str(w_frozen), " and ", shape_str(w_train));
   auto yt = conv(x.narrow(1, 0, s.in_active), w_train, b_train, c);  // (B, T, Ho, Wo)
   int64_t active = s.frozen + s.trainable;
   if (s.frozen == 0 && active == out_channels) return yt;  // one block: no copy
   auto y = at::empty({x.size(0), out_channels, yt.size(2), yt.size(3)}, x.options());
-  if (s.frozen > 0) {
-    auto yf = s.in_split > 0 ? conv(x.narrow(1, 0, s.in_split), w_frozen, b_frozen, c) : at::Tensor();
-    if (yf.defined()) y.narrow(1, 0, s.frozen).copy_(yf);
-    else if (b_frozen.has_value()) y.narrow(1, 0, s.frozen).copy_(b_frozen->view({1, -1, 1, 1}).expand({y.size(0), s.frozen, y.size(2), y.size(3)}));
-    else y.narrow(1, 0, s.frozen).zero_();
+  for (size_t i = 0; s.frozen > 0 && i < steps.rows.size(); ++i) {
+    const int64_t r0 = i ? steps.rows[i - 1] : 0, n = steps.rows[i] - r0, cols = steps.cols[i];
+    auto out = y.narrow(1, r0, n);
+    c10::optional<at::Tensor> b = b_frozen ? c10::optional<at::Tensor>(b_frozen->narrow(0, r0, n)) : c10::nullopt;
+    if (cols > 0) {
+      out.copy_(conv(x.narrow(1, 0, cols), w_frozen.narrow(0, r0, n).narrow(1, 0, cols).contiguous(), b, c));
+    } else if (b) {
+      out.copy_(b->view({1, -1, 1, 1}).expand_as(out));
+    } else {
+      out.zero_();
+    }
   }
   y.narrow(1, s.frozen, s.trainable).copy_(yt);
   if (active < out_channels) y.narrow(1, active, out_channels - active).zero_();
@@ -172,6 +218,10 @@ inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& gr
   check_rank(w_train, "w_train", 4, "(trainable_units, in_active, kh, kw)");
   check_conv_args(c);
   check_backward_common(grad_out, x, w_train, in_split, out_frozen);
+  for (int d = 0; d < 2; ++d) {
+    const int64_t k = w_train.size(2 + d), expect = (x.size(2 + d) + 2 * c.padding[d] - c.dilation[d] * (k - 1) - 1) / c.stride[d] + 1;
+    check_dim_size(grad_out, "grad_out", 2 + d, expect, "the conv output size for x, the kernel and stride/padding/dilation");
+  }
   const int64_t T = w_train.size(0), in_active = w_train.size(1), n_in = in_active - in_split;
   auto gy = grad_out.narrow(1, out_frozen, T);
   if (out_frozen > 0 || T < grad_out.size(1)) gy = gy.contiguous();  // (B, T, Ho, Wo)
@@ -182,8 +232,7 @@ inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& gr
     at::Tensor dx = mask[0] ? at::zeros_like(x) : at::Tensor(), dw = mask[1] ? at::empty_like(w_train) : at::Tensor();
     if (k.conv2d_grads_direct(gy, x, w_train, in_split, c.stride, c.padding, c.dilation, mask[0] ? &dx : nullptr,
                               mask[1] ? &dw : nullptr)) {
-      auto none = at::empty({0}, x.options());
-      return {mask[0] ? dx : none, mask[1] ? dw : none, mask[2] ? gb : none};
+      return pack_grads(x, mask, dx, dw, gb);
     }
   }
   if (mask[1]) {
@@ -204,8 +253,7 @@ inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& gr
       }
     }
   }
-  auto none = at::empty({0}, x.options());
-  return {mask[0] ? gx : none, mask[1] ? gw : none, mask[2] ? gb : none};
+  return pack_grads(x, mask, gx, gw, gb);
 }
 
 }  // namespace pystage

@@ -80,8 +80,7 @@ inline Grads masked_indexed_backward(const DeviceKernels& k, const at::Tensor& g
       k.scatter_dim1(gx, in_index, gxk);
     }
   }
-  auto none = at::empty({0}, x.options());
-  return {mask[0] ? gx : none, mask[1] ? gw : none, mask[2] ? gb : none};
+  return pack_grads(x, mask, gx, gw, gb);
 }
 
 }  // namespace pystage

@@ -5,11 +5,12 @@
 
 TORCH_LIBRARY(pystage, m) {
   m.def("masked_linear(Tensor x, Tensor w_frozen, Tensor? b_frozen, Tensor w_train, Tensor? b_train, "
-        "int in_split, int out_features) -> Tensor");
+        "int in_split, int out_features, int[] frozen_rows=[], int[] frozen_cols=[]) -> Tensor");
   m.def("masked_linear_backward(Tensor grad_out, Tensor x, Tensor w_train, int in_split, int out_frozen, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("masked_conv2d(Tensor x, Tensor w_frozen, Tensor? b_frozen, Tensor w_train, Tensor? b_train, "
-        "int in_split, int out_channels, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+        "int in_split, int out_channels, int[2] stride, int[2] padding, int[2] dilation, int[] frozen_rows=[], "
+        "int[] frozen_cols=[]) -> Tensor");
   m.def("masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor w_train, int in_split, int out_frozen, "
         "int[2] stride, int[2] padding, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("masked_linear_indexed(Tensor x, Tensor weight, Tensor? bias, Tensor w_train, Tensor? b_train, "

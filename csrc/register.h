@@ -21,8 +21,9 @@ inline void check_block_ends(c10::IntArrayRef ends, const char* name, int64_t si
 template <const DeviceKernels& (*K)()>
 struct Bound {
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& wf, const c10::optional<at::Tensor>& bf,
-                           const at::Tensor& wt, const c10::optional<at::Tensor>& bt, int64_t in_split, int64_t out) {
-    return masked_linear_forward(K(), x, wf, bf, wt, bt, in_split, out);
+                           const at::Tensor& wt, const c10::optional<at::Tensor>& bt, int64_t in_split, int64_t out,
+                           at::IntArrayRef frozen_rows, at::IntArrayRef frozen_cols) {
+    return masked_linear_forward(K(), x, wf, bf, wt, bt, in_split, out, frozen_rows, frozen_cols);
   }
   static Grads linear_bw(const at::Tensor& g, const at::Tensor& x, const at::Tensor& wt, int64_t in_split,
                          int64_t out_frozen, std::array<bool, 3> mask) {
@@ -30,8 +31,10 @@ struct Bound {
   }
   static at::Tensor conv2d(const at::Tensor& x, const at::Tensor& wf, const c10::optional<at::Tensor>& bf,
                            const at::Tensor& wt, const c10::optional<at::Tensor>& bt, int64_t in_split, int64_t out,
-                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-    return masked_conv2d_forward(K(), x, wf, bf, wt, bt, in_split, out, {stride, padding, dilation});
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           at::IntArrayRef frozen_rows, at::IntArrayRef frozen_cols) {
+    return masked_conv2d_forward(K(), x, wf, bf, wt, bt, in_split, out, {stride, padding, dilation}, frozen_rows,
+                                 frozen_cols);
   }
   static Grads conv2d_bw(const at::Tensor& g, const at::Tensor& x, const at::Tensor& wt, int64_t in_split,
                          int64_t out_frozen, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,

@@ -55,6 +55,7 @@ class _MaskedLayer(nn.Module):
             raise GrowthError(f"inputs must be in [1, {n_in}] (the layer's input width), got {inputs}")
         if not 0 <= trainable_inputs <= inputs:
             raise GrowthError(f"trainable_inputs must be in [0, {inputs}] (active inputs), got {trainable_inputs}")
+        self._steps: list[tuple[int, int]] = []  # frozen growth steps: (cumulative units, inputs they read)
         self.register_buffer("frozen_weight", torch.empty(self._wshape(0, inputs - trainable_inputs), **factory))
         self.register_buffer("frozen_bias", torch.empty(0, **factory) if bias else None)
         self.weight = nn.Parameter(torch.empty(self._wshape(units, inputs), **factory))
@@ -99,7 +100,23 @@ class _MaskedLayer(nn.Module):
         pad = torch.zeros(self._wshape(fw.shape[0], width - fw.shape[1]), dtype=fw.dtype, device=fw.device)
         return torch.cat([fw, pad], dim=1)
 
+    @property
+    def frozen_steps(self) -> list[tuple[int, int]]:
+        """Growth steps of the frozen block: ``(cumulative units, inputs read)``; one GEMM each in forward."""
+        return list(self._steps)
+
+    def _step_args(self) -> tuple[list[int], list[int]]:
+        return [r for r, _ in self._steps], [c for _, c in self._steps]
+
+    def get_extra_state(self) -> dict:
+        return {"frozen_steps": self.frozen_steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._steps = [tuple(s) for s in state.get("frozen_steps", [])]  # type: ignore[misc]
+
     def _freeze_trainable(self) -> None:
+        if self.trainable_units:
+            self._steps.append((self.active_units, self.in_active))
         with torch.no_grad():
             self.frozen_weight = torch.cat([self._frozen_padded(self.in_active), self.weight.detach()], dim=0)
             if self.bias is not None:
@@ -132,6 +149,11 @@ class _MaskedLayer(nn.Module):
         self.weight = nn.Parameter(torch.empty(self._wshape(0, self.in_active), **factory))
         self.bias = nn.Parameter(torch.empty(0, **factory)) if self.bias is not None else None
 
+    def _step_slices(self) -> list[tuple[int, int, int]]:
+        """(first unit, end unit, inputs read) of each frozen growth step."""
+        rows, cols = self._step_args()
+        return [(rows[i - 1] if i else 0, rows[i], cols[i]) for i in range(len(rows))]
+
     def dense_weight(self) -> Tensor:
         """The layer as one dense ``(out, in, ...)`` weight: zeros where rule 2 or inactivity put them."""
         w = torch.zeros(self._wshape(self._n_out, self._n_in), dtype=self.weight.dtype, device=self.weight.device)
@@ -151,9 +173,13 @@ class _MaskedLayer(nn.Module):
         t = self._n_out if trainable_units is None else trainable_units
         if not 1 <= t <= self._n_out:
             raise GrowthError(f"trainable_units must be in [1, {self._n_out}], got {t}")
+        if not 0 <= trainable_inputs <= self._n_in:
+            raise GrowthError(f"trainable_inputs must be in [0, {self._n_in}] (the layer's input width), "
+                              f"got {trainable_inputs}")
         f, split = self._n_out - t, self._n_in - trainable_inputs
         w = weight.detach().clone().contiguous()
         ops.block_triangular_mask_(w, [f, self._n_out], [split, self._n_in])
+        self._steps = [(f, split)] if f else []
         with torch.no_grad():
             self.frozen_weight = w[:f, :split].contiguous()
             self.weight = nn.Parameter(w[f:].contiguous())
@@ -208,13 +234,14 @@ class MaskedLinear(_MaskedLayer):
             y = self._frozen_forward(x2)
         else:
             y = ops.masked_linear(x2, self.frozen_weight, self.frozen_bias, self.weight, self.bias,
-                                  self.in_split, self.out_features)
+                                  self.in_split, self.out_features, *self._step_args())
         return y.reshape(*lead, self.out_features)
 
     def _frozen_forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             y = x.new_zeros(x.shape[0], self.out_features)
-            y[:, : self.frozen_units] = F.linear(x[:, : self.in_split], self.frozen_weight, self.frozen_bias)
+            for r0, r1, c in self._step_slices():
+                y[:, r0:r1] = F.linear(x[:, :c], self.frozen_weight[r0:r1, :c], _rows(self.frozen_bias, r0, r1))
         return y
 
     @classmethod
@@ -242,7 +269,7 @@ class MaskedLinear(_MaskedLayer):
 class MaskedConv2d(_MaskedLayer):
     """``nn.Conv2d`` (NCHW, groups=1) whose output channels grow in blocks; see :class:`MaskedLinear`.
 
-    ``padding`` may be ``"same"`` (odd kernels, stride 1).
+    ``padding`` may be ``"same"`` (odd kernels, stride 1) or ``"valid"`` (no padding), as in ``nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntPair, stride: _IntPair = 1,
@@ -260,6 +287,8 @@ class MaskedConv2d(_MaskedLayer):
                           {"device": device, "dtype": dtype})
 
     def _resolve_padding(self, padding: Union[_IntPair, str]) -> tuple[int, int]:
+        if padding == "valid":  # nn.Conv2d's spelling of no padding (from_dense passes it through)
+            return (0, 0)
         if padding != "same":
             return _pair(padding, "padding")  # type: ignore[arg-type]
         if self.stride != (1, 1) or any(k % 2 == 0 for k in self.kernel_size):
@@ -277,14 +306,17 @@ class MaskedConv2d(_MaskedLayer):
         if self.trainable_units == 0:
             return self._frozen_forward(x)
         return ops.masked_conv2d(x, self.frozen_weight, self.frozen_bias, self.weight, self.bias, self.in_split,
-                                 self.out_channels, self.stride, self.padding, self.dilation)
+                                 self.out_channels, self.stride, self.padding, self.dilation, *self._step_args())
 
     def _frozen_forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            yf = F.conv2d(x[:, : self.in_split], self.frozen_weight, self.frozen_bias, self.stride, self.padding,
-                          self.dilation)
-            y = yf.new_zeros(yf.shape[0], self.out_channels, yf.shape[2], yf.shape[3])
-            y[:, : self.frozen_units] = yf
+            y = None
+            for r0, r1, c in self._step_slices():
+                yf = F.conv2d(x[:, :c], self.frozen_weight[r0:r1, :c].contiguous(), _rows(self.frozen_bias, r0, r1),
+                              self.stride, self.padding, self.dilation)
+                if y is None:
+                    y = yf.new_zeros(yf.shape[0], self.out_channels, yf.shape[2], yf.shape[3])
+                y[:, r0:r1] = yf
         return y
 
     @classmethod
@@ -310,6 +342,10 @@ class MaskedConv2d(_MaskedLayer):
             if conv.bias is not None:
                 conv.bias.copy_(self.dense_bias())
         return conv
+
+
+def _rows(t: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
+    return None if t is None else t[r0:r1]
 
 
 def grow_chain(layers: Sequence[_MaskedLayer], n_units: Union[int, Sequence[int]]) -> list[nn.Parameter]:

@@ -30,17 +30,20 @@ def _none_if_empty(t: Tensor, wanted: bool) -> Optional[Tensor]:
 # --------------------------------------------------------------------------- masked_linear
 
 def masked_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_train: Tensor,
-                  b_train: Optional[Tensor], in_split: int, out_features: int) -> Tensor:
+                  b_train: Optional[Tensor], in_split: int, out_features: int,
+                  frozen_rows: Sequence[int] = (), frozen_cols: Sequence[int] = ()) -> Tensor:
     """``y[:, :F] = x[:, :in_split] @ w_frozen.T + b_frozen``; ``y[:, F:F+T] = x[:, :in_active] @ w_train.T + b_train``.
 
     x: (B, in_features); w_frozen: (F, in_split); w_train: (T, in_active). Returns (B, out_features),
-    zero beyond the F + T active units.
+    zero beyond the F + T active units. ``frozen_rows``/``frozen_cols``: the frozen block's growth steps
+    (rows ``[rows[s-1], rows[s])`` read inputs ``[0, cols[s])``), one GEMM each; empty = one step.
     """
-    return _ops.masked_linear(x, w_frozen, b_frozen, w_train, b_train, in_split, out_features)
+    return _ops.masked_linear(x, w_frozen, b_frozen, w_train, b_train, in_split, out_features,
+                              list(frozen_rows), list(frozen_cols))
 
 
 @torch.library.register_fake("pystage::masked_linear")
-def _(x, w_frozen, b_frozen, w_train, b_train, in_split, out_features):
+def _(x, w_frozen, b_frozen, w_train, b_train, in_split, out_features, frozen_rows=(), frozen_cols=()):
     torch._check(x.dim() == 2, lambda: f"pystage: x must be 2-D (batch, in_features), got {x.dim()}-D")
     torch._check(w_train.size(0) > 0, lambda: "pystage: w_train has 0 rows: the trainable set must hold at least one unit")
     return x.new_empty((x.size(0), out_features))
@@ -52,7 +55,7 @@ def _(grad_out, x, w_train, in_split, out_frozen, output_mask):
 
 
 def _linear_setup(ctx, inputs, output):
-    x, _, b_frozen, w_train, _, in_split, _ = inputs
+    x, _, b_frozen, w_train, _, in_split = inputs[:6]
     ctx.save_for_backward(x, w_train)
     ctx.in_split = in_split
     ctx.out_frozen = inputs[1].size(0)
@@ -64,9 +67,10 @@ def _linear_backward(ctx, grad):
     need = ctx.needs_input_grad
     mask = [need[0], need[3], need[4] and ctx.has_bias]
     if not any(mask):
-        return None, None, None, None, None, None, None
+        return (None,) * 9
     gx, gw, gb = _ops.masked_linear_backward(grad.contiguous(), x, w_train, ctx.in_split, ctx.out_frozen, mask)
-    return _none_if_empty(gx, mask[0]), None, None, _none_if_empty(gw, mask[1]), _none_if_empty(gb, mask[2]), None, None
+    return (_none_if_empty(gx, mask[0]), None, None, _none_if_empty(gw, mask[1]), _none_if_empty(gb, mask[2]),
+            None, None, None, None)
 
 
 torch.library.register_autograd("pystage::masked_linear", _linear_backward, setup_context=_linear_setup)
@@ -76,14 +80,16 @@ torch.library.register_autograd("pystage::masked_linear", _linear_backward, setu
 
 def masked_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_train: Tensor,
                   b_train: Optional[Tensor], in_split: int, out_channels: int,
-                  stride: _Pair = (1, 1), padding: _Pair = (0, 0), dilation: _Pair = (1, 1)) -> Tensor:
+                  stride: _Pair = (1, 1), padding: _Pair = (0, 0), dilation: _Pair = (1, 1),
+                  frozen_rows: Sequence[int] = (), frozen_cols: Sequence[int] = ()) -> Tensor:
     """Channel-blocked conv2d with the masked-layer layout (NCHW, groups=1).
 
     x: (B, C, H, W); w_frozen: (F, in_split, kh, kw); w_train: (T, in_active, kh, kw).
-    Returns (B, out_channels, Ho, Wo), zero beyond the F + T active channels.
+    Returns (B, out_channels, Ho, Wo), zero beyond the F + T active channels. Growth steps as in
+    :func:`masked_linear`.
     """
     return _ops.masked_conv2d(x, w_frozen, b_frozen, w_train, b_train, in_split, out_channels,
-                              list(stride), list(padding), list(dilation))
+                              list(stride), list(padding), list(dilation), list(frozen_rows), list(frozen_cols))
 
 
 def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -91,7 +97,8 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
 
 
 @torch.library.register_fake("pystage::masked_conv2d")
-def _(x, w_frozen, b_frozen, w_train, b_train, in_split, out_channels, stride, padding, dilation):
+def _(x, w_frozen, b_frozen, w_train, b_train, in_split, out_channels, stride, padding, dilation, frozen_rows=(),
+      frozen_cols=()):
     torch._check(x.dim() == 4, lambda: f"pystage: x must be 4-D (batch, channels, height, width), got {x.dim()}-D")
     torch._check(w_train.size(0) > 0, lambda: "pystage: w_train has 0 rows: the trainable set must hold at least one unit")
     kh, kw = w_train.shape[2], w_train.shape[3]
@@ -106,7 +113,7 @@ def _(grad_out, x, w_train, in_split, out_frozen, stride, padding, dilation, out
 
 
 def _conv_setup(ctx, inputs, output):
-    x, w_frozen, b_frozen, w_train, _, in_split, _, stride, padding, dilation = inputs
+    x, w_frozen, b_frozen, w_train, _, in_split, _, stride, padding, dilation = inputs[:10]
     ctx.save_for_backward(x, w_train)
     ctx.args = (in_split, w_frozen.size(0), stride, padding, dilation)
     ctx.has_bias = b_frozen is not None
@@ -116,7 +123,7 @@ def _conv_backward(ctx, grad):
     x, w_train = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[3], need[4] and ctx.has_bias]
-    nones = (None,) * 5
+    nones = (None,) * 7
     if not any(mask):
         return (None,) * 5 + nones
     gx, gw, gb = _ops.masked_conv2d_backward(grad.contiguous(), x, w_train, *ctx.args, mask)
@@ -213,7 +220,6 @@ def _(weight, out_ends, in_ends):
 
 
 def _fake_grads(x: Tensor, w_train: Tensor, units: int, mask) -> tuple[Tensor, Tensor, Tensor]:
-    empty = x.new_empty((0,))
-    return (x.new_empty(x.shape) if mask[0] else empty,
-            w_train.new_empty(w_train.shape) if mask[1] else empty,
-            x.new_empty((units,)) if mask[2] else empty)
+    return (x.new_empty(x.shape if mask[0] else (0,)),  # each masked-off output is its own empty tensor
+            w_train.new_empty(w_train.shape) if mask[1] else x.new_empty((0,)),
+            x.new_empty((units,) if mask[2] else (0,)))
