@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 JOBS = {
     "layers": ("pystage.bench.layers", "masked vs dense vs hook vs composed backward of conv/linear layers"),
     "store": ("pystage.bench.store", "feature store: shuffled streaming read vs raw read, write speed, RAM"),
+    "plan": ("pystage.bench.plan", "memory planner: split points under a budget; --verify measures each stage's peak"),
 }
 DEFAULT_JOB = "layers"
 
