@@ -34,7 +34,9 @@ def print_environment(env: dict[str, Any]) -> None:
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A plain text table; floats get 3 significant decimals."""
     def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:.2e}" if v and abs(v) < 0.01 else f"{v:.3f}"
+        return str(v)
 
     body = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]

@@ -1,0 +1,53 @@
+"""Configuration of stage training: optimiser hyper-parameters and the method strategies."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one stage's training (each stage may get its own from the search)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # L2 regularisation, added to the gradient (coupled, as in the paper's L2 term)
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method as data: which stages train together, where their input comes from.
+
+    per_stage: train each stage on its own (with its head) instead of the whole net at once.
+    source: "data" (raw batches), "store" (stored features of the stage before) or
+            "recompute" (raw batches pushed through the frozen prefix every batch).
+    checkpoint: recompute activations in backward (torch.utils.checkpoint) to save memory.
+    """
+
+    name: str
+    per_stage: bool
+    source: str
+    checkpoint: bool = False
+
+
+METHODS = {
+    "total": Method("total", per_stage=False, source="data"),
+    "partial": Method("partial", per_stage=True, source="store"),
+    "partial-recompute": Method("partial-recompute", per_stage=True, source="recompute"),
+    "checkpoint": Method("checkpoint", per_stage=False, source="data", checkpoint=True),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {name!r}") from None

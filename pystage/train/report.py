@@ -1,0 +1,81 @@
+"""What ``fit`` reports: per stage time, peak memory, accuracy, hyper-parameters, store key and bytes."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
+
+from torch import nn
+
+
+@dataclass
+class StageReport:
+    stage: int
+    layers: str
+    seconds: float
+    peak_mem_mib: float
+    train_acc: Optional[float]
+    val_acc: Optional[float]
+    lr: float
+    weight_decay: float
+    trials: int = 1
+    cached: bool = False  # trained by an earlier run or another architecture with the same prefix
+    stage_key: str = ""
+    store_key: Optional[str] = None  # features of this stage, stored for the next one
+    store_bytes: int = 0
+    store_seconds: float = 0.0
+    search: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class FitReport:
+    method: str
+    epochs: int
+    batch_size: int
+    device: str
+    peak_mem_source: str
+    stages: list[StageReport] = field(default_factory=list)
+    wall_s: float = 0.0
+    plan: Any = None  # the pystage.plan.Plan that chose the split points under memory_budget, if any
+
+    @property
+    def peak_mem_mib(self) -> float:
+        return max((s.peak_mem_mib for s in self.stages), default=0.0)
+
+    @property
+    def val_acc(self) -> Optional[float]:
+        return self.stages[-1].val_acc if self.stages else None
+
+    @property
+    def train_acc(self) -> Optional[float]:
+        return self.stages[-1].train_acc if self.stages else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(replace(self, plan=None))
+        d["plan"] = None if self.plan is None else {"split_points": list(self.plan.split_points),
+                                                      "stage_peaks": [s.peak for s in self.plan.stages],
+                                                      "budget": self.plan.budget}
+        d.update(peak_mem_mib=self.peak_mem_mib, val_acc=self.val_acc, train_acc=self.train_acc)
+        return d
+
+    def __str__(self) -> str:
+        from pystage.bench.report import format_table
+
+        rows = [{**asdict(s), "val_acc": _pct(s.val_acc), "train_acc": _pct(s.train_acc)} for s in self.stages]
+        cols = ["stage", "layers", "seconds", "peak_mem_mib", "train_acc", "val_acc", "lr", "weight_decay", "trials",
+                "cached", "store_bytes"]
+        head = (f"method={self.method} epochs={self.epochs} batch_size={self.batch_size} device={self.device} "
+                f"wall_s={self.wall_s:.2f} (peak memory: {self.peak_mem_source})")
+        text = head + "\n" + format_table(rows, cols)
+        return f"{self.plan}\n{text}" if self.plan is not None else text
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@dataclass
+class FitResult:
+    """``model``: the trained network (an ordinary nn.Module); ``report``: what training cost and reached."""
+
+    model: nn.Module
+    report: FitReport
