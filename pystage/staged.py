@@ -69,7 +69,11 @@ class StagedNet(nn.Module):
         bounds = (0, *points, len(model))
         bodies = [model[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
         shapes = feature_shapes(bodies, input_shape)
-        return cls([Stage(b, make_head(s, classes, head)) for b, s in zip(bodies, shapes)])
+        heads = [make_head(s, classes, head) for s in shapes]
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is not None:  # heads live where the model lives, in its dtype (as feature_shapes probes it)
+            heads = [h.to(device=param.device, dtype=param.dtype) for h in heads]
+        return cls([Stage(b, h) for b, h in zip(bodies, heads)])
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
         for stage in self.stages:

@@ -12,11 +12,13 @@ from typing import Optional, Sequence
 
 # sub-command -> (module, one-line help); the first entry is the default job.
 JOBS = {
+    "train": ("pystage.bench.train", "the methods side by side: wall time, peak memory, accuracy (default job)"),
     "layers": ("pystage.bench.layers", "masked vs dense vs hook vs composed backward of conv/linear layers"),
     "store": ("pystage.bench.store", "feature store: shuffled streaming read vs raw read, write speed, RAM"),
     "plan": ("pystage.bench.plan", "memory planner: split points under a budget; --verify measures each stage's peak"),
+    "paper": ("pystage.bench.paper", "the partial-learning paper's CNN1-CNN8 sweep, shared vs independent prefixes"),
 }
-DEFAULT_JOB = "layers"
+DEFAULT_JOB = "train"
 
 
 def build_parser(job: Optional[str] = None) -> argparse.ArgumentParser:

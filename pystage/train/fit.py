@@ -5,6 +5,7 @@ which stages train together and where their batches come from (``config.Method``
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from pystage import distributed
 from pystage.staged import StagedNet
 from pystage.store import FeatureStore, dataset_fingerprint, default_root
 from pystage.train.cache import StageCache, stage_key
@@ -34,18 +36,27 @@ def fit(model: nn.Module, train: Dataset, val: Optional[Dataset] = None, method:
         store: Optional[FeatureStore] = None, device: Union[str, torch.device, None] = None,
         checkpoint_dir: Optional[str] = None, *, config: Optional[TrainConfig] = None, seed: int = 0,
         head: str = "linear", progress: Optional[bool] = None, share_prefixes: bool = True,
-        store_dtype: torch.dtype = torch.float16) -> FitResult:
+        store_dtype: torch.dtype = torch.float16, measure_memory: bool = False, growth: Any = None) -> FitResult:
     """Train ``model`` (an ``nn.Sequential`` with ``split_points``, or a ``StagedNet``) on ``train``.
 
     Trained stages are kept under ``checkpoint_dir`` (default: ``<store root>/stages``), keyed by content:
     a run started again with the same arguments resumes from the last finished stage (and epoch), and
     identical prefixes of other architectures are trained once (``share_prefixes=False`` retrains them).
-    Returns the trained ``StagedNet`` (in eval mode) and a per-stage report.
+    Returns the trained ``StagedNet`` (in eval mode) and a per-stage report. With ``memory_budget`` (or
+    ``measure_memory=True``) each stage's second training step is measured by live-tensor accounting
+    (``StageReport.measured_peak_mib``: what the planner predicts, comparable with the budget).
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
     config = config or TrainConfig()
-    run = _Run(get_method(method), epochs, batch_size, search, config, seed, store_dtype, _device(device),
+    grows = get_method(method).grows
+    if grows:  # incremental / capacity: their own loop, options in ``growth`` (docs/growing.md)
+        module, func = grows.split(":")
+        return getattr(importlib.import_module(module), func)(
+            model, train, val, growth, epochs=epochs, batch_size=batch_size, device=_device(device), config=config,
+            seed=seed, store=store, head=head, progress=Progress(progress), store_dtype=store_dtype)
+    world, dev = distributed.init(_device(device))  # joins the process group (torchrun's environment) if any
+    run = _Run(get_method(method), epochs, batch_size, search, config, seed, store_dtype, dev,
                Progress(progress), share_prefixes)
     if search is not None and val is None:
         from pystage.data import train_val_split
@@ -56,10 +67,12 @@ def fit(model: nn.Module, train: Dataset, val: Optional[Dataset] = None, method:
         plan = _plan(model, train, batch_size, memory_budget, run, head)
         model = _with_splits(model, plan.split_points)
     net = _staged(model, train, head).to(run.device)
-    run.plan = plan
+    run.plan, run.measure = plan, plan is not None or measure_memory
     run.store = store if store is not None else (FeatureStore() if run.method.source == "store" else None)
     root = run.store.config.root if run.store is not None else default_root()
     run.cache = StageCache(checkpoint_dir or os.path.join(root, "stages"))
+    if world.active:  # rank 0 writes checkpoints, every rank reads them
+        run.world, run.cache = world, distributed.RankZeroCache(run.cache)  # type: ignore[assignment]
     return run.fit(net, train, val)
 
 
@@ -115,6 +128,7 @@ class _Run:
     store: Optional[FeatureStore]
     cache: StageCache
     plan: Any = None
+    world: distributed.World = distributed.World()
 
     def __init__(self, method: Method, epochs: int, batch_size: int, search: Optional[SearchConfig],
                  config: TrainConfig, seed: int, store_dtype: torch.dtype, device: torch.device, progress: Progress,
@@ -122,6 +136,7 @@ class _Run:
         self.method, self.epochs, self.batch_size, self.search = method, epochs, batch_size, search
         self.config, self.seed, self.store_dtype, self.device = config, seed, store_dtype, device
         self.progress, self.share = progress, share
+        self.measure = False  # measure one steady-state step per stage (set when training under a budget)
 
     def fit(self, net: StagedNet, train: Dataset, val: Optional[Dataset]) -> FitResult:
         t0 = time.perf_counter()
@@ -130,6 +145,9 @@ class _Run:
         units = [[i] for i in range(len(net))] if self.method.per_stage else [list(range(len(net)))]
         src = DatasetSource(train, self.batch_size, self.seed, device=self.device)
         val_src = DatasetSource(val, self.batch_size, shuffle=False, device=self.device) if val is not None else None
+        if self.world.active:  # this rank's part of every single-process batch; rank 0's initial weights
+            src, val_src = distributed.dataset_sources(train, val, self.batch_size, self.seed, self.device)
+            distributed.broadcast_(net)
         inputs: tuple[Any, Any] = (train, val)  # what the next stage's store entry is built from
         upstream = dataset_fingerprint(train) + (dataset_fingerprint(val) if val is not None else "")
         for k, unit in enumerate(units):
@@ -152,6 +170,9 @@ class _Run:
         _reset_head(head, stage_key(upstream=upstream, body=body, purpose="head-init", seed=self.seed))
         chain = CheckpointedChain([s.body for s in stages]) if self.method.checkpoint else body
         trainable = nn.Sequential(chain, head)
+        # What the cache holds: the same parameters under names that do not depend on the method's wrapping, so
+        # "total" and "checkpoint" (one key: the same computation) can load each other's stages and progress.
+        saved = nn.Sequential(body, head)
         key = stage_key(upstream=upstream, body=body, head=head, source=kind,
                         store_dtype=str(self.store_dtype) if kind == "store" else None, config=asdict(self.config),
                         search=asdict(self.search) if self.search else None, epochs=self.epochs,
@@ -161,21 +182,22 @@ class _Run:
             t = time.perf_counter()
             done = self.cache.load(key) if self.share else None
             if done is not None:
-                trainable.load_state_dict(done["state"])
+                saved.load_state_dict(done["state"])
                 srep = StageReport(**{**done["report"], "cached": True})
             else:
-                srep = self._train(trainable, key, k, layers, src, val_src)
-                self.cache.save(key, {"state": trainable.state_dict(), "report": asdict(srep)})
+                srep = self._train(trainable, saved, key, k, layers, src, val_src)
+                srep.seconds = time.perf_counter() - t  # before saving: a cached stage reports its training time
+                self.cache.save(key, {"state": saved.state_dict(), "report": asdict(srep)})
                 self.cache.discard(key, "progress")
             seconds = time.perf_counter() - t
-        srep.seconds, srep.peak_mem_mib = (srep.seconds if srep.cached else seconds), meter.peak_mib
+        srep.peak_mem_mib = meter.peak_mib
         for p in body.parameters():
             p.requires_grad_(False)
         body.eval()
         log.info("stage %s: val_acc=%s (%.1fs, cached=%s)", layers, srep.val_acc, seconds, srep.cached)
         return srep
 
-    def _train(self, trainable: nn.Module, key: str, k: int, layers: str, src: BatchSource,
+    def _train(self, trainable: nn.Module, saved: nn.Module, key: str, k: int, layers: str, src: BatchSource,
                val_src: Optional[BatchSource]) -> StageReport:
         steps_per_epoch = -(-src.rows // self.batch_size)
         desc = f"stage {layers}"
@@ -185,32 +207,43 @@ class _Run:
 
             def make() -> nn.Module:
                 trainable.load_state_dict(start)
-                return _deepcopy(trainable)
+                return distributed.wrap(_deepcopy(trainable), self.device)
 
             best, trials = run_search(make, configs, src, val_src, self.epochs, steps_per_epoch, self.search.halving,
-                                      self.search.eta, self.progress, desc)
-            trainable.load_state_dict(best.net.state_dict())
+                                      self.search.eta, self.progress, desc, measure=self.measure)
+            trainable.load_state_dict(distributed.unwrap(best.net).state_dict())
         else:
-            best, trials = self._train_resumable(trainable, key, src, val_src, desc), []
+            best, trials = self._train_resumable(trainable, saved, key, src, val_src, desc), []
+        measured = best.stats.measured_peak
         return StageReport(stage=k + 1, layers=layers, seconds=0.0, peak_mem_mib=0.0, train_acc=best.stats.accuracy,
+                           measured_peak_mib=None if measured is None else measured / 2**20,
                            val_acc=best.val_acc, lr=best.config.lr, weight_decay=best.config.weight_decay,
                            trials=max(1, len(trials)), stage_key=key, search=trials)
 
-    def _train_resumable(self, trainable: nn.Module, key: str, src: BatchSource, val_src: Optional[BatchSource],
-                         desc: str) -> Trial:
-        """One configuration, all epochs, saving after each epoch so a killed run continues from there."""
+    def _train_resumable(self, trainable: nn.Module, state: nn.Module, key: str, src: BatchSource,
+                         val_src: Optional[BatchSource], desc: str) -> Trial:
+        """One configuration, all epochs, saving after each epoch so a killed run continues from there.
+
+        ``state``: the module whose state_dict is saved (``trainable``'s parameters under method-independent names).
+        """
         trial = Trial(self.config, trainable, Cursor())
         saved = self.cache.load(key, "progress")
         if saved is not None:
-            trainable.load_state_dict(saved["state"])
+            state.load_state_dict(saved["state"])
             trial.optimizer.load_state_dict(saved["optimizer"])
             trial.cursor = Cursor(**saved["cursor"])
             log.info("%s: resuming after epoch %d", desc, trial.cursor.epoch)
         started = time.perf_counter() - saved.get("seconds", 0.0) if saved else time.perf_counter()
+        measured = saved.get("measured_peak") if saved else None
+        ddp = distributed.wrap(trainable, self.device)  # trainable itself in a world of one
         while trial.cursor.epoch < self.epochs:
-            trial.stats = train_steps(trainable, trial.optimizer, src, None, trial.cursor, self.progress, desc)
-            self.cache.save(key, {"state": trainable.state_dict(), "optimizer": trial.optimizer.state_dict(),
-                                  "cursor": asdict(trial.cursor), "seconds": time.perf_counter() - started},
+            trial.stats = train_steps(ddp, trial.optimizer, src, None, trial.cursor, self.progress, desc,
+                                      measure_at=1 if self.measure else -1)
+            measured = trial.stats.measured_peak or measured
+            trial.stats.measured_peak = measured
+            self.cache.save(key, {"state": state.state_dict(), "optimizer": trial.optimizer.state_dict(),
+                                  "cursor": asdict(trial.cursor), "seconds": time.perf_counter() - started,
+                                  "measured_peak": measured},
                             "progress")
         trial.val_acc = evaluate(trainable, val_src)
         return trial
@@ -221,6 +254,9 @@ class _Run:
         if self.method.source == "recompute":
             return PrefixSource(src, [body]), (PrefixSource(val_src, [body]) if val_src else None), inputs
         assert self.store is not None
+        if self.world.active:  # each rank builds its shard; the sources cut single-process batches by rank
+            return distributed.next_sources(self.store, body, inputs, srep, self.batch_size, self.seed,
+                                            self.store_dtype, self.device, self.progress.enabled)
         t = time.perf_counter()
         entries = []
         for split, data in zip(("train", "val"), inputs):

@@ -1,6 +1,8 @@
 """The one training loop every method shares: steps over a batch source, and evaluation."""
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -15,11 +17,18 @@ from pystage.train.sources import BatchSource
 
 
 class CheckpointedChain(nn.Module):
-    """Runs modules in sequence, each under ``torch.utils.checkpoint`` (activations recomputed in backward)."""
+    """Runs layers in about sqrt(n) segments, each under ``torch.utils.checkpoint``.
+
+    Only each segment's input is kept for backward; a segment's activations are
+    recomputed when its backward runs (the usual sqrt(n) memory/compute trade).
+    """
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
         super().__init__()
-        self.parts = nn.ModuleList(modules)
+        layers = [m for mod in modules for m in (mod if isinstance(mod, nn.Sequential) else [mod])]
+        n_seg = max(1, round(math.sqrt(len(layers))))
+        size = -(-len(layers) // n_seg)
+        self.parts = nn.ModuleList(nn.Sequential(*layers[i:i + size]) for i in range(0, len(layers), size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for part in self.parts:
@@ -35,10 +44,15 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
 
 @dataclass
 class Cursor:
-    """Where a trial is in its data: completed epochs and steps (successive halving stops trials mid-epoch)."""
+    """Where a trial is in its data: completed epochs, steps, and batches done of the current epoch.
+
+    Successive halving stops trials mid-epoch; ``batch`` lets the next call continue that epoch where it
+    stopped instead of starting it again.
+    """
 
     epoch: int = 0
     steps: int = 0
+    batch: int = 0
 
 
 @dataclass
@@ -46,35 +60,64 @@ class StepStats:
     loss: float = 0.0
     correct: int = 0
     seen: int = 0
+    measured_peak: Optional[int] = None  # bytes of live tensors during the measured step (see train_steps)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.seen if self.seen else float("nan")
 
 
+def _step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    logits = net(x)  # (B, num_classes)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logits.detach(), loss.detach()
+
+
+def measured_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """A training step under live-tensor accounting: (logits, loss, peak bytes of parameters, optimizer state,
+    batch, activations and gradients) - the quantity the planner predicts."""
+    from pystage.memory import LiveBytes
+
+    tracker = LiveBytes(x.device, 512 if x.device.type == "cuda" else 1)
+    state = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    tracker.track([*net.parameters(), *net.buffers(), *state, x, y])
+    with tracker:
+        logits, loss = _step(net, optimizer, x, y)
+    return logits, loss, tracker.peak
+
+
 def train_steps(net: nn.Module, optimizer: torch.optim.Optimizer, source: BatchSource, n_steps: Optional[int],
-                cursor: Cursor, progress: Progress, desc: str = "") -> StepStats:
-    """Train ``n_steps`` batches (``None``: one whole epoch), crossing epochs as needed; returns running stats."""
+                cursor: Cursor, progress: Progress, desc: str = "", measure_at: int = -1) -> StepStats:
+    """Train ``n_steps`` batches (``None``: the rest of the current epoch), crossing epochs as needed.
+
+    ``measure_at``: the (global) step whose live tensor bytes are measured (step 1 is the steady state: the
+    optimizer state exists); -1 measures none. Returns running stats.
+    """
     net.train()
     stats = StepStats()
     remaining = n_steps
     while remaining is None or remaining > 0:
-        for x, y in progress.wrap(source.batches(cursor.epoch), desc=f"{desc} epoch {cursor.epoch + 1}"):
-            logits = net(x)  # (B, num_classes)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            stats.loss += loss.item() * len(y)
+        batches = itertools.islice(source.batches(cursor.epoch), cursor.batch, None)  # continue a stopped epoch
+        for x, y in progress.wrap(batches, desc=f"{desc} epoch {cursor.epoch + 1}"):
+            if cursor.steps == measure_at:
+                logits, loss, stats.measured_peak = measured_step(net, optimizer, x, y)
+            else:
+                logits, loss = _step(net, optimizer, x, y)
+            stats.loss += float(loss) * len(y)
             stats.correct += int((logits.argmax(1) == y).sum())
             stats.seen += len(y)
             cursor.steps += 1
+            cursor.batch += 1
             if remaining is not None:
                 remaining -= 1
                 if remaining == 0:
                     break
         else:
             cursor.epoch += 1
+            cursor.batch = 0
             if remaining is None:
                 break
     stats.loss /= max(stats.seen, 1)

@@ -24,6 +24,7 @@ class StageReport:
     store_bytes: int = 0
     store_seconds: float = 0.0
     search: list[dict] = field(default_factory=list)
+    measured_peak_mib: Optional[float] = None  # live tensor bytes of one steady-state step (fit(measure_memory=...))
 
 
 @dataclass

@@ -68,8 +68,10 @@ class Trial:
 
 
 def rung_budgets(n_trials: int, total_steps: int, eta: int) -> list[tuple[int, int]]:
-    """(steps to reach, survivors after) per rung; the last rung trains one... or a few trials to ``total_steps``."""
-    rungs = max(1, math.ceil(math.log(n_trials, eta))) if n_trials > 1 else 1
+    """(steps to reach, survivors after) per rung; the last rung trains the survivors to ``total_steps``."""
+    rungs = 1
+    while eta ** rungs < n_trials:  # ceil(log_eta(n_trials)) in integers: math.log(125, 5) is 3.0000000000000004
+        rungs += 1
     out = []
     for r in range(rungs):
         steps = max(1, round(total_steps / eta ** (rungs - 1 - r)))
@@ -80,7 +82,7 @@ def rung_budgets(n_trials: int, total_steps: int, eta: int) -> list[tuple[int, i
 
 def run_search(make_net: Callable[[], nn.Module], configs: list[TrainConfig], source: BatchSource,
                val_source: Optional[BatchSource], epochs: int, steps_per_epoch: int, halving: bool, eta: int,
-               progress: Progress, desc: str = "") -> tuple[Trial, list[dict]]:
+               progress: Progress, desc: str = "", measure: bool = False) -> tuple[Trial, list[dict]]:
     """Train the trials (successive halving if asked); returns the best trial and a summary of every trial."""
     trials = [Trial(c, make_net()) for c in configs]
     total = epochs * steps_per_epoch
@@ -88,8 +90,12 @@ def run_search(make_net: Callable[[], nn.Module], configs: list[TrainConfig], so
     alive, summary = list(trials), {}
     for reach, keep in budgets:
         for i, t in enumerate(alive):
+            first = t.cursor.steps == 0 and t is trials[0]
+            measured = t.stats.measured_peak
             t.stats = train_steps(t.net, t.optimizer, source, reach - t.cursor.steps, t.cursor, progress,
-                                  desc=f"{desc} trial {trials.index(t) + 1}/{len(trials)}")
+                                  desc=f"{desc} trial {trials.index(t) + 1}/{len(trials)}",
+                                  measure_at=1 if first and measure else -1)
+            t.stats.measured_peak = t.stats.measured_peak or measured
             t.val_acc = evaluate(t.net, val_source)
             summary[id(t)] = {"lr": t.config.lr, "weight_decay": t.config.weight_decay, "steps": t.cursor.steps,
                               "val_acc": t.val_acc, "train_acc": t.stats.accuracy}
