@@ -188,12 +188,15 @@ def test_frozen_prefixes_stay_frozen(method, tmp_path):
     staged = StagedNet.from_sequential(model("cnn8", width=4, batch_norm=True), input_shape=SHAPE,
                                        num_classes=CLASSES)
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    frozen_while_training: dict[int, bool] = {}
 
     def snap(k):  # when stage k+1 first runs in training mode, stages 1..k are finished
         def hook(module, inputs):
             if module.training and k not in snapshots:
                 snapshots[k] = {f"{i}.{n}": t.clone() for i in range(k)
                                 for n, t in staged.bodies[i].state_dict().items()}
+                frozen_while_training[k] = all(not p.requires_grad and not staged.bodies[i].training
+                                               for i in range(k) for p in staged.bodies[i].parameters())
         return hook
 
     for k in (1, 2):
@@ -212,7 +215,9 @@ def test_frozen_prefixes_stay_frozen(method, tmp_path):
         assert body_state.keys() == staged.bodies[i].state_dict().keys()
         for n, t in staged.bodies[i].state_dict().items():
             assert torch.equal(t, body_state[n]), (i, n)
-    assert all(not p.requires_grad for b in staged.bodies for p in b.parameters())
+    assert frozen_while_training == {1: True, 2: True}  # earlier stages: no grad, eval mode
+    # the result is an ordinary model again: eval mode, parameters trainable (for fine-tuning)
+    assert all(p.requires_grad for b in staged.bodies for p in b.parameters())
     assert all(not b.training for b in staged.bodies)
     # frozen means trained: every stage moved away from its initial weights
     fresh = model("cnn8", width=4, batch_norm=True)

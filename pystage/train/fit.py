@@ -5,6 +5,7 @@ which stages train together and where their batches come from (``config.Method``
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
@@ -21,7 +22,7 @@ from pystage.staged import StagedNet
 from pystage.store import FeatureStore, dataset_fingerprint, default_root
 from pystage.train.cache import StageCache, stage_key
 from pystage.train.config import Method, TrainConfig, get_method
-from pystage.train.loop import CheckpointedChain, Cursor, evaluate, make_optimizer, train_steps
+from pystage.train.loop import CheckpointedChain, Cursor, StepStats, evaluate, make_optimizer, train_steps
 from pystage.train.peak import PeakMeter
 from pystage.train.progress import Progress
 from pystage.train.report import FitReport, FitResult, StageReport
@@ -115,11 +116,13 @@ def _staged(model: nn.Module, train: Dataset, head: str) -> StagedNet:
 
 def _reset_head(head: nn.Module, salt: str) -> None:
     """Initialise a head from ``salt`` alone, so identical prefixes get identical heads in any model."""
+    cpu = copy.deepcopy(head).to("cpu")  # initialise on the CPU generator only: no other RNG is touched
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(salt[:15], 16))
-        for m in head.modules():
+        torch.default_generator.manual_seed(int(salt[:15], 16))
+        for m in cpu.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+    head.load_state_dict(cpu.state_dict())
 
 
 class _Run:
@@ -149,7 +152,8 @@ class _Run:
             src, val_src = distributed.dataset_sources(train, val, self.batch_size, self.seed, self.device)
             distributed.broadcast_(net)
         inputs: tuple[Any, Any] = (train, val)  # what the next stage's store entry is built from
-        upstream = dataset_fingerprint(train) + (dataset_fingerprint(val) if val is not None else "")
+        # the validation set shapes training only through the search (it picks the winner)
+        upstream = dataset_fingerprint(train) + (dataset_fingerprint(val) if val is not None and self.search else "")
         for k, unit in enumerate(units):
             kind = "data" if k == 0 else self.method.source
             srep = self._train_unit(net, unit, k, kind, upstream, src, val_src)
@@ -159,6 +163,8 @@ class _Run:
             report.stages.append(srep)
         report.wall_s = time.perf_counter() - t0
         net.drop_heads().eval()
+        for p in net.parameters():  # frozen only while later stages trained: the result is an ordinary model
+            p.requires_grad_(True)
         return FitResult(net, report)
 
     # -- one unit (a stage, or the whole net for total/checkpoint) ------------------------------------------
@@ -232,6 +238,7 @@ class _Run:
             state.load_state_dict(saved["state"])
             trial.optimizer.load_state_dict(saved["optimizer"])
             trial.cursor = Cursor(**saved["cursor"])
+            trial.stats = StepStats(**saved.get("stats", {}))
             log.info("%s: resuming after epoch %d", desc, trial.cursor.epoch)
         started = time.perf_counter() - saved.get("seconds", 0.0) if saved else time.perf_counter()
         measured = saved.get("measured_peak") if saved else None
@@ -243,7 +250,7 @@ class _Run:
             trial.stats.measured_peak = measured
             self.cache.save(key, {"state": state.state_dict(), "optimizer": trial.optimizer.state_dict(),
                                   "cursor": asdict(trial.cursor), "seconds": time.perf_counter() - started,
-                                  "measured_peak": measured},
+                                  "measured_peak": measured, "stats": asdict(trial.stats)},
                             "progress")
         trial.val_acc = evaluate(trainable, val_src)
         return trial

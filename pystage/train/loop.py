@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pystage import distributed
 from pystage.train.config import TrainConfig
 from pystage.train.progress import Progress
 from pystage.train.sources import BatchSource
@@ -69,11 +70,12 @@ class StepStats:
 
 def _step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple:
     logits = net(x)  # (B, num_classes)
-    loss = F.cross_entropy(logits, y)
+    weight = distributed.loss_weight(net, len(y))  # DDP: ranks' summed losses, averaged, make the global mean
+    loss = F.cross_entropy(logits, y) if weight is None else F.cross_entropy(logits, y, reduction="sum") * weight
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return logits.detach(), loss.detach()
+    return logits.detach(), (loss.detach() if weight is None else loss.detach() / (weight * max(len(y), 1)))
 
 
 def measured_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -120,6 +122,9 @@ def train_steps(net: nn.Module, optimizer: torch.optim.Optimizer, source: BatchS
             cursor.batch = 0
             if remaining is None:
                 break
+    if distributed.is_ddp(net):  # each rank saw its part of every global batch
+        stats.loss, correct, seen = distributed.all_sum(stats.loss, stats.correct, stats.seen)
+        stats.correct, stats.seen = int(correct), int(seen)
     stats.loss /= max(stats.seen, 1)
     return stats
 
@@ -129,9 +134,12 @@ def evaluate(net: nn.Module, source: Optional[BatchSource]) -> Optional[float]:
     """Accuracy of ``net`` on every batch of ``source`` (epoch 0 order; order does not matter)."""
     if source is None:
         return None
+    net = distributed.unwrap(net)
     net.eval()
     correct = seen = 0
     for x, y in source.batches(0):
         correct += int((net(x).argmax(1) == y).sum())
         seen += len(y)
+    if getattr(source, "split_by_rank", False):  # each rank evaluated its part of every batch
+        correct, seen = (int(v) for v in distributed.all_sum(correct, seen))
     return correct / seen if seen else None

@@ -67,6 +67,7 @@ class PrefixSource:
     def __init__(self, inner: BatchSource, prefix: Sequence[nn.Module]) -> None:
         self.inner, self.prefix = inner, list(prefix)
         self.rows = inner.rows
+        self.split_by_rank = getattr(inner, "split_by_rank", False)  # distributed: inner yields this rank's part
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         for x, y in self.inner.batches(epoch):
