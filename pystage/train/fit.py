@@ -22,6 +22,7 @@ from pystage.staged import StagedNet
 from pystage.store import FeatureStore, dataset_fingerprint, default_root
 from pystage.train.cache import StageCache, stage_key
 from pystage.train.config import Method, TrainConfig, get_method
+from pystage.train.guard import fit_under_budget
 from pystage.train.loop import CheckpointedChain, Cursor, StepStats, evaluate, make_optimizer, train_steps
 from pystage.train.peak import PeakMeter
 from pystage.train.progress import Progress
@@ -63,18 +64,18 @@ def fit(model: nn.Module, train: Dataset, val: Optional[Dataset] = None, method:
         from pystage.data import train_val_split
 
         train, val = train_val_split(train, val_fraction=0.1, seed=seed)
-    plan = None
-    if memory_budget is not None:
-        plan = _plan(model, train, batch_size, memory_budget, run, head)
-        model = _with_splits(model, plan.split_points)
-    net = _staged(model, train, head).to(run.device)
-    run.plan, run.measure = plan, plan is not None or measure_memory
     run.store = store if store is not None else (FeatureStore() if run.method.source == "store" else None)
     root = run.store.config.root if run.store is not None else default_root()
     run.cache = StageCache(checkpoint_dir or os.path.join(root, "stages"))
     if world.active:  # rank 0 writes checkpoints, every rank reads them
         run.world, run.cache = world, distributed.RankZeroCache(run.cache)  # type: ignore[assignment]
-    return run.fit(net, train, val)
+    if memory_budget is not None:  # planner's split points; re-planned if a stage runs out of memory anyway
+        if isinstance(model, StagedNet) or not isinstance(model, nn.Sequential):
+            raise TypeError("fit(memory_budget=...) plans the split points of an nn.Sequential, got "
+                            f"{type(model).__name__}")
+        return fit_under_budget(run, model, train, val, head, memory_budget, _plan, _staged)
+    run.measure = measure_memory
+    return run.fit(_staged(model, train, head).to(run.device), train, val)
 
 
 def _plan(model: nn.Module, train: Dataset, batch_size: int, budget: Union[int, str], run: "_Run", head: str):
@@ -82,8 +83,6 @@ def _plan(model: nn.Module, train: Dataset, batch_size: int, budget: Union[int, 
     from pystage.memory import linear_head, pooled_head
     from pystage.plan import plan
 
-    if isinstance(model, StagedNet) or not isinstance(model, nn.Sequential):
-        raise TypeError(f"fit(memory_budget=...) plans the split points of an nn.Sequential, got {type(model).__name__}")
     x0, _ = train[0]
     classes = getattr(train, "num_classes", None) or getattr(model, "num_classes", None) or 10
     p = plan(model, tuple(x0.shape), batch_size, budget, device=run.device, optimizer=run.config.optimizer,
@@ -91,11 +90,6 @@ def _plan(model: nn.Module, train: Dataset, batch_size: int, budget: Union[int, 
              head=pooled_head if head == "pool-linear" else linear_head)
     log.info("%s", p)
     return p
-
-
-def _with_splits(model: nn.Sequential, split_points: tuple[int, ...]) -> nn.Sequential:
-    model.split_points = tuple(split_points)  # type: ignore[assignment]
-    return model
 
 
 def _device(device: Union[str, torch.device, None]) -> torch.device:
@@ -131,6 +125,7 @@ class _Run:
     store: Optional[FeatureStore]
     cache: StageCache
     plan: Any = None
+    current_unit = 0  # the unit (stage) training now; the memory guard re-plans from it
     world: distributed.World = distributed.World()
 
     def __init__(self, method: Method, epochs: int, batch_size: int, search: Optional[SearchConfig],
@@ -155,6 +150,7 @@ class _Run:
         # the validation set shapes training only through the search (it picks the winner)
         upstream = dataset_fingerprint(train) + (dataset_fingerprint(val) if val is not None and self.search else "")
         for k, unit in enumerate(units):
+            self.current_unit = k
             kind = "data" if k == 0 else self.method.source
             srep = self._train_unit(net, unit, k, kind, upstream, src, val_src)
             upstream = srep.stage_key

@@ -37,6 +37,7 @@ class FitReport:
     stages: list[StageReport] = field(default_factory=list)
     wall_s: float = 0.0
     plan: Any = None  # the pystage.plan.Plan that chose the split points under memory_budget, if any
+    replans: int = 0  # times a stage ran out of memory and the rest was planned again
 
     @property
     def peak_mem_mib(self) -> float:
