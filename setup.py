@@ -10,12 +10,35 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _fix_cuda_home() -> None:
+    """Point CUDA_HOME at a real toolkit when torch's guess would miss it.
+
+    Without CUDA_HOME/CUDA_PATH, torch takes the parent of the parent of `which nvcc`; a wrapper script such as
+    /usr/local/bin/nvcc makes that /usr/local, which has no CUDA headers or libraries. Only then, use
+    /usr/local/cuda (or the newest /usr/local/cuda-*) if it holds a toolkit. Must run before cpp_extension loads.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cuda_runtime_api.h")):
+        return
+    for home in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")) and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_fix_cuda_home()
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,8 +66,14 @@ def _extra_cuda_includes() -> list[str]:
     return dirs
 
 
+def _cxx_std() -> str:
+    """torch >= 2.14 headers require C++20 (ATen.h #errors otherwise); older ones build as C++17."""
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def extensions():
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", _cxx_std()]
     csrc = os.path.join("csrc")
     cpu_sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     exts = [
@@ -64,7 +93,7 @@ def extensions():
                 "pystage._C_cuda",
                 cuda_sources,
                 include_dirs=[os.path.join(HERE, "csrc")] + _extra_cuda_includes(),
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", _cxx_std()]},
             )
         )
     return exts
