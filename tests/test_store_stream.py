@@ -78,11 +78,15 @@ def test_resident_when_the_entry_fits_the_budget(built):
 
 def test_stopping_early_stops_the_prefetch_thread(built):
     _, entry, _ = built
-    before = {t for t in threading.enumerate() if t.name == "pystage-store-prefetch"}
+    def readers():
+        return {t for t in threading.enumerate() if t.name.startswith("pystage-store-prefetch")}
+
+    before = readers()
     it = entry.stream(batch_size=10)
     next(it)
+    assert readers() - before  # the read threads run while the stream is open
     it.close()
-    assert {t for t in threading.enumerate() if t.name == "pystage-store-prefetch"} == before
+    assert readers() == before
 
 
 def test_dataloader_workers_cover_every_row_once(built):

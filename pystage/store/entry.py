@@ -8,8 +8,10 @@ import numpy as np
 import torch
 
 from pystage.store.format import EntryMeta, decode_json_attr
-from pystage.store.reader import BlockReader, verify_checksums
+from pystage.store.reader import verify_checksums
+from pystage.store.scatter import ScatterReader
 from pystage.store.stream import StoreDataset, StreamOptions, iter_stream, plan_stream
+from pystage.store.window import Buffers, WindowPool, aligned_empty
 
 Device = Union[str, torch.device, None]
 
@@ -21,6 +23,7 @@ class StoreEntry:
         self._meta, self.ram_budget = meta, ram_budget
         self._resident: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._lock = threading.Lock()
+        self._pool = WindowPool()  # two stream windows, reused from epoch to epoch
 
     path = property(lambda self: self._meta.path, doc="The entry's HDF5 file.")
     key = property(lambda self: self._meta.key, doc="The entry's key (32 hex digits).")
@@ -54,13 +57,17 @@ class StoreEntry:
                drop_last: bool = False, check: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of ``(x, y)`` batches, ``x: (B, *feature_shape)``; same (seed, epoch) -> same order.
 
-        Reads chunk-aligned blocks in shuffled order into two reused windows (a background thread fills one
-        while batches are cut from the other, rows permuted within the window), so extra RAM stays under
-        ``ram_budget``; an entry that fits half the budget is loaded once and kept in RAM. ``check`` verifies
-        each chunk's CRC as it is read. On CUDA, batches are gathered into pinned memory and copied non-blocking.
+        Reads chunk-aligned blocks in shuffled order straight into windows of ``ram_budget / 4`` (os.preadv
+        scatters each row to its shuffled place, several reads in flight, ahead of the consumer); a CPU batch
+        is a view of its window, not a copy. A window is refilled only when none of its batches is alive, so
+        a batch you keep is never overwritten, but it keeps its window's memory: ``.clone()`` batches you keep
+        for long. Two windows are kept for reuse between epochs (``release_buffers()`` frees them). An entry
+        that fits half the budget is loaded once and kept in RAM. ``check`` verifies each chunk's CRC as it
+        is read. On CUDA, windows are pinned and batches are copied non-blocking.
         """
         opts = self._options(batch_size, shuffle, seed, epoch, device, drop_last, check)
-        return iter_stream(self._meta, self.ram_budget, opts, resident=None if check else self._load_resident)
+        return iter_stream(self._meta, self.ram_budget, opts, resident=None if check else self._load_resident,
+                           pool=self._pool)
 
     def dataset(self, batch_size: int = 50, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 drop_last: bool = False, check: bool = False) -> StoreDataset:
@@ -71,7 +78,13 @@ class StoreEntry:
     def iter_rows(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Rows ``[start, stop)`` in order, in batches (what build() reads when the next stage is sharded)."""
         opts = StreamOptions(batch_size=batch_size, shuffle=False, rows=(start, stop))
-        return iter_stream(self._meta, self.ram_budget, opts, resident=None)
+        return iter_stream(self._meta, self.ram_budget, opts, resident=None, pool=self._pool)
+
+    def release_buffers(self) -> None:
+        """Free the stream windows kept between epochs and the in-RAM copy of a resident entry."""
+        self._pool.clear()
+        with self._lock:
+            self._resident = None
 
     def verify(self) -> list[tuple[int, int, int]]:
         """Chunks whose CRC does not match, as ``(chunk, first_row, stop_row)``; empty when the data is intact."""
@@ -82,12 +95,12 @@ class StoreEntry:
         with self._lock:
             if self._resident is None:
                 m = self._meta
-                x = np.empty((m.num_rows, *m.feature_shape), m.stored_dtype)  # (N, *feature_shape)
-                y = np.empty((m.num_rows, *m.label_shape), m.label_dtype)  # (N, *label_shape)
-                reader = BlockReader(m)
+                x = aligned_empty((m.num_rows, *m.feature_shape), m.stored_dtype)  # (N, *feature_shape)
+                y = aligned_empty((m.num_rows, *m.label_shape), m.label_dtype)  # (N, *label_shape)
+                reader = ScatterReader(m)
                 try:
                     if m.num_rows:
-                        reader.read(0, m.num_rows, x, y)
+                        reader.read(0, m.num_rows, Buffers(x, y))
                 finally:
                     reader.close()
                 self._resident = (x, y)

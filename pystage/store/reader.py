@@ -1,4 +1,4 @@
-"""Read chunk-aligned row blocks of an entry into caller-owned buffers (HDF5 read into reused arrays, no fancy indexing)."""
+"""Read chunk-aligned row blocks through HDF5 into caller-owned buffers: ``verify()``'s reader (streams use scatter.py)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -13,11 +11,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pystage.store.errors import StoreArgumentError
 from pystage.store.format import EntryMeta
-from pystage.store.reader import BlockReader
+from pystage.store.prefetch import Filling, WindowFiller
+from pystage.store.window import WindowPool, alloc_arrays
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 4 << 20  # largest contiguous read; blocks are whole chunks
-_END = object()
 
 
 @dataclass(frozen=True)
@@ -91,52 +89,6 @@ def _windows(blocks: list[tuple[int, int]], window_rows: int) -> list[list[tuple
     return [g for g in groups if g]
 
 
-class _Prefetcher:
-    """A thread that fills two reused window buffers in turn while the consumer cuts batches from the other."""
-
-    def __init__(self, meta: EntryMeta, groups: list[list[tuple[int, int]]], window_rows: int, check: bool) -> None:
-        self.reader = BlockReader(meta, check=check)
-        self.groups, self.ready, self.free = groups, queue.Queue(), queue.Queue()  # type: ignore[var-annotated]
-        rows = min(window_rows, max((sum(b - a for a, b in g) for g in groups), default=1))
-        for _ in range(min(2, len(groups))):
-            self.free.put((np.empty((rows, *meta.feature_shape), meta.stored_dtype),  # (W, *feature_shape)
-                           np.empty((rows, *meta.label_shape), meta.label_dtype)))  # (W, *label_shape)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="pystage-store-prefetch", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for group in self.groups:
-                bufs = self.free.get()
-                if bufs is None or self.stop.is_set():
-                    return
-                n = 0
-                for a, b in group:
-                    self.reader.read(a, b, bufs[0], bufs[1], at=n)
-                    n += b - a
-                self.ready.put((bufs, n))
-            self.ready.put(_END)
-        except BaseException as e:  # handed to the consumer, which raises it
-            self.ready.put(e)
-
-    def __iter__(self) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], int]]:
-        while True:
-            item = self.ready.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            self.free.put(item[0])
-
-    def close(self) -> None:
-        self.stop.set()
-        self.free.put(None)
-        self.thread.join()
-        self.reader.close()
-
-
 def _emit(x: np.ndarray, y: np.ndarray, meta: EntryMeta, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor]:
     xt = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if meta.dtype == torch.bfloat16 else torch.from_numpy(x)
     yt = torch.from_numpy(y)
@@ -145,47 +97,49 @@ def _emit(x: np.ndarray, y: np.ndarray, meta: EntryMeta, device: Optional[torch.
     return xt, yt
 
 
-def _alloc(rows: int, meta: EntryMeta, pinned: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A batch's output arrays; in pinned (page-locked) memory when the batch goes to CUDA."""
-    if not pinned:
-        return np.empty((rows, *meta.feature_shape), meta.stored_dtype), np.empty((rows, *meta.label_shape), meta.label_dtype)
-    xt = torch.empty((rows, meta.row_bytes), dtype=torch.uint8, pin_memory=True)
-    yt = torch.empty((rows, meta.label_row_bytes), dtype=torch.uint8, pin_memory=True)
-    return (xt.numpy().view(meta.stored_dtype).reshape(rows, *meta.feature_shape),
-            yt.numpy().view(meta.label_dtype).reshape(rows, *meta.label_shape))
-
-
-def cut_batches(windows: Any, meta: EntryMeta, opts: StreamOptions, rng: np.random.Generator
+def cut_batches(filler: WindowFiller, groups: list[list[tuple[int, int]]], meta: EntryMeta, opts: StreamOptions
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches from filled windows: rows permuted within each window; a batch may span two windows."""
+    """Batches as views of filled windows (rows already permuted by the read).
+
+    A window is read after ``lead`` spare rows, where the previous window's last, incomplete batch is
+    copied (fewer than batch_size rows), so every batch is one contiguous slice. The next window is started
+    as soon as a pooled buffer is free, at the latest once the first batch of the current window has been
+    taken (by then a normal loop has dropped the previous window's batches).
+    """
     bsz, device = opts.batch_size, opts.device
-    pinned = device is not None and device.type == "cuda"
-    bx, by, fill = None, None, 0
-    for (xbuf, ybuf), n in windows:
-        order = rng.permutation(n) if opts.shuffle else None
-        pos = 0
-        while pos < n:
-            if bx is None:
-                bx, by = _alloc(bsz, meta, pinned)
-            take = min(bsz - fill, n - pos)
-            if order is None:
-                np.copyto(bx[fill:fill + take], xbuf[pos:pos + take])
-                np.copyto(by[fill:fill + take], ybuf[pos:pos + take])
-            else:
-                idx = order[pos:pos + take]
-                np.take(xbuf, idx, axis=0, out=bx[fill:fill + take], mode="clip")
-                np.take(ybuf, idx, axis=0, out=by[fill:fill + take], mode="clip")
-            fill, pos = fill + take, pos + take
-            if fill == bsz:
-                yield _emit(bx, by, meta, device)
-                bx, by, fill = None, None, 0
-    if fill and not opts.drop_last:
-        yield _emit(bx[:fill], by[:fill], meta, device)  # type: ignore[index]
+    cuda = device is not None and device.type == "cuda"
+    if not groups:
+        return
+    nxt: Optional[Filling] = filler.start(groups[0], filler.acquire(new=True), 0)  # type: ignore[arg-type]
+    for i in range(len(groups)):
+        filling, nxt = nxt, None
+        window = filling.wait()  # type: ignore[union-attr]
+        total = filling.lead + filling.rows  # type: ignore[union-attr]
+        more, lead = i + 1 < len(groups), total % bsz  # lead: rows carried into the next window
+        if more:
+            w = filler.acquire(new=False)
+            nxt = None if w is None else filler.start(groups[i + 1], w, lead)
+        for pos in range(0, total - lead, bsz):
+            yield _emit(window.x[pos:pos + bsz], window.y[pos:pos + bsz], meta, device)
+            if more and nxt is None:  # the previous window is free now unless the caller kept one of its batches
+                nxt = filler.start(groups[i + 1], filler.acquire(new=True), lead)  # type: ignore[arg-type]
+        if more:
+            if nxt is None:
+                nxt = filler.start(groups[i + 1], filler.acquire(new=True), lead)  # type: ignore[arg-type]
+            nxt.window.x[:lead] = window.x[total - lead:total]  # rows [0, lead) are not being read into
+            nxt.window.y[:lead] = window.y[total - lead:total]
+        elif lead and not opts.drop_last:
+            yield _emit(window.x[total - lead:total], window.y[total - lead:total], meta, device)
+        window.release(cuda)
+        del window
 
 
-def iter_stream(meta: EntryMeta, ram_budget: int, opts: StreamOptions, resident: Optional[Any] = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of ``(x, y)`` batches; ``resident()`` returns the whole entry in RAM when the plan allows it."""
+def iter_stream(meta: EntryMeta, ram_budget: int, opts: StreamOptions, resident: Optional[Any] = None,
+                pool: Optional[WindowPool] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``(x, y)`` batches; ``resident()`` returns the whole entry in RAM when the plan allows it.
+
+    ``pool`` keeps window buffers between epochs (StoreEntry passes its own); None: a pool for this epoch.
+    """
     plan = plan_stream(meta, ram_budget, opts.batch_size, opts.worker[1])
     rng = np.random.default_rng((opts.seed, opts.epoch, 0))
     blocks = _blocks(meta, plan, opts, rng)
@@ -197,11 +151,15 @@ def iter_stream(meta: EntryMeta, ram_budget: int, opts: StreamOptions, resident:
             order = order[rows_rng.permutation(len(order))]  # resident: one window, the whole entry
         yield from _resident_batches(x, y, order, meta, opts)
         return
-    prefetcher = _Prefetcher(meta, _windows(blocks, plan.window_rows), plan.window_rows, opts.check)
+    groups = _windows(blocks, plan.window_rows)
+    capacity = min(plan.window_rows, max((sum(b - a for a, b in g) for g in groups), default=1)) + opts.batch_size - 1
+    pinned = opts.device is not None and opts.device.type == "cuda"
+    filler = WindowFiller(meta, pool if pool is not None else WindowPool(), capacity, pinned, opts.shuffle, rows_rng,
+                          opts.check)
     try:
-        yield from cut_batches(prefetcher, meta, opts, rows_rng)
+        yield from cut_batches(filler, groups, meta, opts)
     finally:
-        prefetcher.close()
+        filler.close()
 
 
 def _resident_batches(x: np.ndarray, y: np.ndarray, order: np.ndarray, meta: EntryMeta, opts: StreamOptions
@@ -211,7 +169,7 @@ def _resident_batches(x: np.ndarray, y: np.ndarray, order: np.ndarray, meta: Ent
         idx = order[i:i + opts.batch_size]
         if len(idx) < opts.batch_size and opts.drop_last:
             return
-        bx, by = _alloc(len(idx), meta, pinned)
+        bx, by = alloc_arrays(len(idx), meta, pinned)
         np.take(x, idx, axis=0, out=bx, mode="clip")
         np.take(y, idx, axis=0, out=by, mode="clip")
         yield _emit(bx, by, meta, opts.device)
@@ -227,6 +185,7 @@ class StoreDataset(IterableDataset):
     def __init__(self, meta: EntryMeta, ram_budget: int, opts: StreamOptions) -> None:
         super().__init__()
         self.meta, self.ram_budget, self.opts = meta, ram_budget, opts
+        self._pool: Optional[WindowPool] = None  # made in the worker process, kept across its epochs
 
     def set_epoch(self, epoch: int) -> None:
         self.opts = StreamOptions(**{**self.opts.__dict__, "epoch": epoch})
@@ -239,4 +198,9 @@ class StoreDataset(IterableDataset):
         info = get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         opts = StreamOptions(**{**self.opts.__dict__, "worker": worker})
-        return iter_stream(self.meta, self.ram_budget, opts, resident=None)
+        if self._pool is None:
+            self._pool = WindowPool()
+        return iter_stream(self.meta, self.ram_budget, opts, resident=None, pool=self._pool)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}  # window buffers stay in the process that made them
