@@ -167,12 +167,16 @@ def names() -> list[str]:
 
 
 def get(name: str, in_channels: int = 3, num_classes: int = 10, *,
-        split_points: Optional[Sequence[int]] = None, **kw: object) -> nn.Sequential:
+        split_points: Optional[Sequence[int]] = None, pathways: Optional[str] = None,
+        **kw: object) -> nn.Module:
     """Build model ``name`` (see :func:`names`); ``split_points`` overrides the model's own stages.
 
     ``kw`` goes to the factory: ``width``, ``batch_norm`` for cnn1-8; ``batch_norm``,
-    ``input_size``, ``stages`` for ``plain-<depth>-<width>``.
+    ``input_size``, ``stages`` for ``plain-<depth>-<width>``. ``pathways="concat"|"sum"`` (plain family
+    only) wraps the net in a :class:`pystage.pathways.PathwayNet`; with None the result is an ``nn.Sequential``.
     """
+    if pathways is not None and not _PLAIN.fullmatch(name.lower()):
+        raise ModelError(f"pathways is an option of the {_PLAIN_PATTERN} family, got it for {name!r}")
     if in_channels < 1 or num_classes < 1:
         raise ModelError(f"in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
     key = name.lower()
@@ -188,4 +192,8 @@ def get(name: str, in_channels: int = 3, num_classes: int = 10, *,
     with_splits(model, getattr(model, "split_points", ()) if split_points is None else split_points)
     model.name, model.in_channels, model.num_classes = key, in_channels, num_classes  # type: ignore[assignment]
     logger.debug("built %s: %d layers, split_points=%s", key, len(model), model.split_points)
+    if pathways is not None:
+        from pystage.pathways import with_pathways
+
+        return with_pathways(model, pathways)
     return model
