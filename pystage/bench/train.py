@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "total is marked 'does not fit' when its predicted peak exceeds it")
     p.add_argument("--json", metavar="PATH", help="write the runs as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart of wall time, peak memory and accuracy")
+    p.add_argument("--nproc", type=int, default=1, help="also run each method data-parallel on N processes "
+                   "(torchrun; one thread per process unless --threads) and report the scaling")
 
 
 def run_method(spec: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
     base = {"model": args.model, "data": args.data, "path": args.path, "n": args.n, "val_n": args.val_n,
             "epochs": args.epochs, "batch_size": args.batch_size, "device": args.device, "seed": args.seed,
             "threads": args.threads}
+    if args.nproc > 1:  # each method on 1 and on N processes (pystage/bench/train_dist.py)
+        from pystage.bench.train_dist import run_distributed
+
+        return run_distributed(args, methods, base, env)
     budget = _budget_plan(args) if args.budget else None
     runs = []
     for method in methods:
@@ -158,7 +164,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  running {method} ...", flush=True)
         spec = {**base, "method": method}
         if budget is not None:
-            spec.update(budget=budget["budget_mib"], plan_budget=args.budget if method.startswith("partial") else None)
+            spec.update(budget=budget["budget_mib"])
+            if method.startswith("partial"):  # the plan printed below (fit(memory_budget=...) would plan the same)
+                spec.update(split_points=budget["split_points"])
         runs.append(run_method(spec))
         if budget is not None:
             _annotate(runs[-1], budget)
