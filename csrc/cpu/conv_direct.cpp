@@ -33,51 +33,89 @@ inline float hsum(vf v) {
 }
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define PYSTAGE_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PYSTAGE_HAS_AVX2_CLONE 1
+#define PYSTAGE_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define PYSTAGE_MULTIVERSION
+#define PYSTAGE_HAS_AVX2_CLONE 0
+#define PYSTAGE_AVX2
 #endif
 
 // acc[i*KW+j] += sum over the plane of g[h][w] * xp[h+i][w+j]; g has rows of gw floats, xp rows of xw floats.
-template <int KH, int KW>
-PYSTAGE_MULTIVERSION void plane_wgrad(const float* g, int64_t rows, int64_t gw, const float* xp, int64_t xw,
-                                      float* out) {
-  vf acc[KH * KW];
-  for (int k = 0; k < KH * KW; ++k) acc[k] = vf{};
-  for (int64_t h = 0; h < rows; ++h) {
-    const float* grow = g + h * gw;
-    for (int64_t w0 = 0; w0 < gw; w0 += V) {
-      vf gv = loadu(grow + w0);
-      for (int i = 0; i < KH; ++i) {
-        const float* xr = xp + (h + i) * xw + w0;
-        for (int j = 0; j < KW; ++j) acc[i * KW + j] += gv * loadu(xr + j);
-      }
-    }
-  }
+#define PYSTAGE_PLANE_WGRAD_BODY                                                  \
+  vf acc[KH * KW];                                                                \
+  for (int k = 0; k < KH * KW; ++k) acc[k] = vf{};                                \
+  for (int64_t h = 0; h < rows; ++h) {                                            \
+    const float* grow = g + h * gw;                                               \
+    for (int64_t w0 = 0; w0 < gw; w0 += V) {                                      \
+      vf gv = loadu(grow + w0);                                                   \
+      for (int i = 0; i < KH; ++i) {                                              \
+        const float* xr = xp + (h + i) * xw + w0;                                 \
+        for (int j = 0; j < KW; ++j) acc[i * KW + j] += gv * loadu(xr + j);       \
+      }                                                                           \
+    }                                                                             \
+  }                                                                               \
   for (int k = 0; k < KH * KW; ++k) out[k] += hsum(acc[k]);
-}
 
 // out[h][w0..w0+8) = sum_{o,i,j} wf[o][i][j] * gp[o][h+i][w+j] over one output plane (rows x ow, ow % 8 == 0).
-template <int KH, int KW>
-PYSTAGE_MULTIVERSION void plane_xgrad(const float* gp, int64_t units, int64_t plane, int64_t rows, int64_t ow,
-                                      int64_t gw, const float* wf, float* out) {
-  for (int64_t h = 0; h < rows; ++h) {
-    for (int64_t w0 = 0; w0 < ow; w0 += V) {
-      vf acc0 = vf{}, acc1 = vf{};
-      for (int64_t o = 0; o < units; ++o) {
-        const float* gpo = gp + o * plane + h * gw + w0;
-        const float* wo = wf + o * KH * KW;
-        for (int i = 0; i < KH; ++i) {
-          for (int j = 0; j < KW; ++j) {
-            vf v = loadu(gpo + i * gw + j) * wo[i * KW + j];
-            if ((i + j) & 1) acc1 += v; else acc0 += v;
-          }
-        }
-      }
-      storeu(out + h * ow + w0, acc0 + acc1);
-    }
+#define PYSTAGE_PLANE_XGRAD_BODY                                                  \
+  for (int64_t h = 0; h < rows; ++h) {                                            \
+    for (int64_t w0 = 0; w0 < ow; w0 += V) {                                      \
+      vf acc0 = vf{}, acc1 = vf{};                                                \
+      for (int64_t o = 0; o < units; ++o) {                                       \
+        const float* gpo = gp + o * plane + h * gw + w0;                          \
+        const float* wo = wf + o * KH * KW;                                       \
+        for (int i = 0; i < KH; ++i) {                                            \
+          for (int j = 0; j < KW; ++j) {                                          \
+            vf v = loadu(gpo + i * gw + j) * wo[i * KW + j];                      \
+            if ((i + j) & 1) acc1 += v; else acc0 += v;                           \
+          }                                                                       \
+        }                                                                         \
+      }                                                                           \
+      storeu(out + h * ow + w0, acc0 + acc1);                                     \
+    }                                                                             \
   }
+
+template <int KH, int KW>
+void plane_wgrad_generic(const float* g, int64_t rows, int64_t gw, const float* xp, int64_t xw, float* out) {
+  PYSTAGE_PLANE_WGRAD_BODY
+}
+template <int KH, int KW>
+PYSTAGE_AVX2 void plane_wgrad_avx2(const float* g, int64_t rows, int64_t gw, const float* xp, int64_t xw, float* out) {
+  PYSTAGE_PLANE_WGRAD_BODY
+}
+template <int KH, int KW>
+void plane_xgrad_generic(const float* gp, int64_t units, int64_t plane, int64_t rows, int64_t ow, int64_t gw,
+                         const float* wf, float* out) {
+  PYSTAGE_PLANE_XGRAD_BODY
+}
+template <int KH, int KW>
+PYSTAGE_AVX2 void plane_xgrad_avx2(const float* gp, int64_t units, int64_t plane, int64_t rows, int64_t ow, int64_t gw,
+                                   const float* wf, float* out) {
+  PYSTAGE_PLANE_XGRAD_BODY
+}
+
+// AVX2 + FMA when the CPU has them (checked once, by feature, not by CPU model).
+inline bool use_avx2() {
+#if PYSTAGE_HAS_AVX2_CLONE
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <int KH, int KW>
+void plane_wgrad(const float* g, int64_t rows, int64_t gw, const float* xp, int64_t xw, float* out) {
+  if (use_avx2()) plane_wgrad_avx2<KH, KW>(g, rows, gw, xp, xw, out);
+  else plane_wgrad_generic<KH, KW>(g, rows, gw, xp, xw, out);
+}
+
+template <int KH, int KW>
+void plane_xgrad(const float* gp, int64_t units, int64_t plane, int64_t rows, int64_t ow, int64_t gw, const float* wf,
+                 float* out) {
+  if (use_avx2()) plane_xgrad_avx2<KH, KW>(gp, units, plane, rows, ow, gw, wf, out);
+  else plane_xgrad_generic<KH, KW>(gp, units, plane, rows, ow, gw, wf, out);
 }
 
 struct Geometry {
@@ -156,7 +194,7 @@ void run(const Geometry& g, const at::Tensor& gy, const at::Tensor& x, const at:
 // Below this many trainable units the direct kernels beat oneDNN on the CPUs measured (bench/RESULTS.md).
 int64_t direct_threshold() {
   const char* env = std::getenv("PYSTAGE_CONV_DIRECT_MAX_UNITS");
-  return env ? std::atoll(env) : 8;
+  return env ? std::atoll(env) : 4;
 }
 
 }  // namespace
