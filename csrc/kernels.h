@@ -20,8 +20,9 @@ struct DeviceKernels {
   at::Tensor (*bias_grad)(const at::Tensor& grad, int64_t c0, int64_t n);
   // weight viewed as (out, in, inner): zero w[o, i] where step(i) > step(o); bounds are cumulative ends.
   void (*block_triangular_mask)(const at::Tensor& weight, c10::IntArrayRef out_ends, c10::IntArrayRef in_ends);
-  // Optional (nullptr: ATen only). Direct conv2d backward for a few trainable units: fills *gw (T, in_active, kh, kw)
-  // and channels [in_split, in_active) of *gx (either may be null); returns false when it does not apply.
+  // Optional (nullptr: ATen only). Direct conv2d backward for a few trainable units: when it applies, allocates and
+  // fills *gw (T, in_active, kh, kw) and *gx (zero but channels [in_split, in_active)), either may be null, and returns
+  // true; returns false (allocating nothing) when it does not apply.
   bool (*conv2d_grads_direct)(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w_train, int64_t in_split,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, at::Tensor* gx,
                               at::Tensor* gw) = nullptr;

@@ -224,12 +224,13 @@ inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& gr
   }
   const int64_t T = w_train.size(0), in_active = w_train.size(1), n_in = in_active - in_split;
   auto gy = grad_out.narrow(1, out_frozen, T);
-  if (out_frozen > 0 || T < grad_out.size(1)) gy = gy.contiguous();  // (B, T, Ho, Wo)
+  // (B, T, Ho, Wo); empty + copy_ is several times faster here than .contiguous() on a channel slice
+  if (out_frozen > 0 || T < grad_out.size(1)) gy = at::empty(gy.sizes(), gy.options()).copy_(gy);
   at::Tensor gx, gw, gb;
   const std::vector<int64_t> out_pad{0, 0};
-  if (mask[2]) gb = k.bias_grad(grad_out, out_frozen, T);
+  if (mask[2]) gb = k.bias_grad(gy, out_frozen > 0 || T < grad_out.size(1) ? 0 : out_frozen, T);  // contiguous gy
   if (k.conv2d_grads_direct && (mask[0] || mask[1])) {  // few trainable units: skip oneDNN's fixed costs
-    at::Tensor dx = mask[0] ? at::zeros_like(x) : at::Tensor(), dw = mask[1] ? at::empty_like(w_train) : at::Tensor();
+    at::Tensor dx, dw;  // allocated by the kernel when it applies
     if (k.conv2d_grads_direct(gy, x, w_train, in_split, c.stride, c.padding, c.dilation, mask[0] ? &dx : nullptr,
                               mask[1] ? &dw : nullptr)) {
       return pack_grads(x, mask, dx, dw, gb);
@@ -246,7 +247,8 @@ inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& gr
     } else {
       gx = at::zeros_like(x);
       if (n_in > 0) {
-        auto w_in = w_train.narrow(1, in_split, n_in).contiguous();
+        auto w_in = w_train.narrow(1, in_split, n_in);
+        w_in = at::empty(w_in.sizes(), w_in.options()).copy_(w_in);
         auto gxi = std::get<0>(at::convolution_backward(gy, x.narrow(1, in_split, n_in), w_in, c10::nullopt, c.stride,
                                                         c.padding, c.dilation, false, out_pad, 1, {true, false, false}));
         gx.narrow(1, in_split, n_in).copy_(gxi);

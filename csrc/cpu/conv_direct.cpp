@@ -208,6 +208,8 @@ bool conv2d_grads_direct(const at::Tensor& gy, const at::Tensor& x, const at::Te
   if (padding[0] > kh - 1 || padding[1] > kw - 1 || !gy.is_contiguous() || !x.is_contiguous()) return false;
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), gy.size(2), gy.size(3), kh, kw, padding[0], padding[1]};
   if (g.Ho <= 0 || g.Wo <= 0) return false;
+  if (gx) *gx = at::zeros_like(x);
+  if (gw) *gw = at::empty_like(w);
   auto wc = w.contiguous();
   if (kh == 3 && kw == 3) run<3, 3>(g, gy, x, wc, in_split, gx, gw);
   else if (kh == 1 && kw == 1) run<1, 1>(g, gy, x, wc, in_split, gx, gw);
