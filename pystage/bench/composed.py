@@ -43,7 +43,8 @@ class _ConvFn(torch.autograd.Function):
         F_, T, in_active = wf.shape[0], wt.shape[0], wt.shape[1]
         yt = F.conv2d(x[:, :in_active], wt, bt, stride, padding, dilation)
         y = yt.new_empty(x.shape[0], out_channels, yt.shape[2], yt.shape[3])
-        y[:, :F_] = F.conv2d(x[:, :in_split], wf, bf, stride, padding, dilation)
+        if F_:
+            y[:, :F_] = F.conv2d(x[:, :in_split], wf, bf, stride, padding, dilation)
         y[:, F_:F_ + T] = yt
         if F_ + T < out_channels:
             y[:, F_ + T:].zero_()
