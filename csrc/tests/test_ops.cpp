@@ -30,8 +30,9 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& wf, const c10::o
                          const at::Tensor& wt, const c10::optional<at::Tensor>& bt, int64_t split, int64_t out) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pystage::masked_linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                         const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, int64_t)>();
-  return op.call(x, wf, bf, wt, bt, split, out);
+                                         const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, int64_t,
+                                         at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(x, wf, bf, wt, bt, split, out, {}, {});  // one frozen growth step
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& g, const at::Tensor& x,
@@ -47,8 +48,9 @@ at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& wf, const at::Te
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pystage::masked_conv2d", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                          const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, int64_t,
-                                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
-  return op.call(x, wf, c10::nullopt, wt, c10::nullopt, split, out, {1, 1}, {1, 1}, {1, 1});
+                                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                         at::IntArrayRef)>();
+  return op.call(x, wf, c10::nullopt, wt, c10::nullopt, split, out, {1, 1}, {1, 1}, {1, 1}, {}, {});
 }
 
 void test_linear() {
