@@ -19,17 +19,16 @@ import os
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from typing import Any, Iterator
 
 import numpy as np
-import psutil
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from pystage.bench.report import environment, format_table, print_environment, write_json
+from pystage.memory.measure import PeakRSS
 from pystage.store import FeatureStore, StoreEntry, parse_size
 from pystage.store.format import FEATURES, LABELS
 
@@ -61,30 +60,6 @@ class _Batches(IterableDataset):
             n = min(self.batch_size, self.rows - a)
             p = a % (len(self.pool) - n + 1)
             yield self.pool[p:p + n], torch.arange(a, a + n)  # (B, *shape), (B,)
-
-
-class _PeakRSS:
-    """Peak RSS above the value at start, sampled every 2 ms in a thread."""
-
-    def __enter__(self) -> "_PeakRSS":
-        self.proc, self.stop = psutil.Process(), threading.Event()
-        self.base = self.peak = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self.stop.wait(0.002):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def extra_mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def _drop_cache(path: str) -> None:
@@ -157,10 +132,10 @@ def _store_extra_rss(entry: StoreEntry, batch_size: int) -> float:
     """Peak extra RSS (MiB) of one shuffled epoch, in its own untimed pass: the sampling thread slows reads.
     The entry's kept window buffers are freed first, so they are counted."""
     entry.release_buffers()
-    with _PeakRSS() as rss:
+    with PeakRSS(every=0.002) as rss:
         for xb, _ in entry.stream(batch_size=batch_size, shuffle=True, seed=0, epoch=2000):
             del xb
-    return rss.extra_mib
+    return rss.growth / 2**20
 
 
 def _measure(entry: StoreEntry, raw: str, args: argparse.Namespace, mode: str) -> dict[str, float]:

@@ -209,7 +209,7 @@ class _Run:
 
             def make() -> nn.Module:
                 trainable.load_state_dict(start)
-                return distributed.wrap(_deepcopy(trainable), self.device)
+                return distributed.wrap(copy.deepcopy(trainable), self.device)
 
             best, trials = run_search(make, configs, src, val_src, self.epochs, steps_per_epoch, self.search.halving,
                                       self.search.eta, self.progress, desc, measure=self.measure)
@@ -276,9 +276,3 @@ class _Run:
         srep.store_bytes = sum(e.nbytes for e in entries if e is not None)
         new_val = StoreSource(entries[1], self.batch_size, shuffle=False, device=self.device) if entries[1] else None
         return StoreSource(entries[0], self.batch_size, self.seed, device=self.device), new_val, tuple(entries)
-
-
-def _deepcopy(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
