@@ -15,8 +15,8 @@ void scatter_dim1(const at::Tensor& dst, const at::Tensor& idx, const at::Tensor
 at::Tensor bias_grad(const at::Tensor& grad, int64_t c0, int64_t n) {
   auto g = as3(grad).narrow(1, c0, n);  // (outer, n, inner)
   const auto s = grad.scalar_type();
-  if (s == at::kHalf || s == at::kBFloat16) return g.sum({0, 2}, /*keepdim=*/false, at::kFloat).to(s);
-  return g.sum({0, 2});  // float/double: ATen's reduction already accumulates safely (cascade sum)
+  if (s == at::kHalf || s == at::kBFloat16) return g.sum(at::IntArrayRef{0, 2}, /*keepdim=*/false, at::kFloat).to(s);
+  return g.sum(at::IntArrayRef{0, 2});  // float/double: ATen's reduction already accumulates safely (cascade sum)
 }
 
 void block_triangular_mask(const at::Tensor& weight, c10::IntArrayRef out_ends, c10::IntArrayRef in_ends) {

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pystage import optim
+from pystage.optim import OPTIMIZERS, TrainConfig
+
 logger = logging.getLogger(__name__)
 
 HeadFactory = Callable[[torch.Size, int], nn.Module]
@@ -34,19 +37,25 @@ def pooled_head(feature_shape: torch.Size, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(int(feature_shape[0]), num_classes))
 
 
-OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
-    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False),
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=False),
-    "sgd-nomomentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, foreach=False),
-}
+PLANNER_OPTIMIZERS = {"sgd-nomomentum": TrainConfig(optimizer="sgd", momentum=0.0)}
+"""Names the planner accepts besides ``pystage.optim.OPTIMIZERS`` (each with torch's defaults otherwise)."""
 
 
-def make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer the planner assumes ("adam", "adamw", "sgd" = momentum 0.9, "sgd-nomomentum")."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-    return OPTIMIZERS[name](params)
+def optimizer_config(optimizer: "str | TrainConfig") -> TrainConfig:
+    """The ``TrainConfig`` a planner ``optimizer`` argument stands for: a config as is, or a name."""
+    if isinstance(optimizer, TrainConfig):
+        return optimizer
+    if optimizer in PLANNER_OPTIMIZERS:
+        return PLANNER_OPTIMIZERS[optimizer]
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be a TrainConfig or one of {', '.join([*OPTIMIZERS, *PLANNER_OPTIMIZERS])}, "
+                         f"got {optimizer!r}")
+    return TrainConfig(optimizer=optimizer)
+
+
+def make_optimizer(optimizer: "str | TrainConfig", params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer training builds for ``optimizer`` (``pystage.optim.make_optimizer``), over ``params``."""
+    return optim.make_optimizer(params, optimizer_config(optimizer))
 
 
 def meta_copy(layers: Sequence[nn.Module], dtype: torch.dtype) -> list[nn.Module]:

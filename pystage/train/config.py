@@ -3,23 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OPTIMIZERS = ("adam", "sgd")
+from pystage.optim import TrainConfig
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one stage's training (each stage may get its own from the search)."""
-
-    lr: float = 1e-3
-    weight_decay: float = 1e-4  # L2 regularisation, added to the gradient (coupled, as in the paper's L2 term)
-    optimizer: str = "adam"
-    momentum: float = 0.9  # sgd only
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+__all__ = ["GROWING_METHODS", "METHODS", "Method", "TrainConfig", "get_method"]
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def _plan(model: nn.Module, train: Dataset, batch_size: int, budget: Union[int, 
 
     x0, _ = train[0]
     classes = getattr(train, "num_classes", None) or getattr(model, "num_classes", None) or 10
-    p = plan(model, tuple(x0.shape), batch_size, budget, device=run.device, optimizer=run.config.optimizer,
+    p = plan(model, tuple(x0.shape), batch_size, budget, device=run.device, optimizer=run.config,
              num_classes=classes, dataset_rows=len(train), store_dtype=run.store_dtype,
              head=pooled_head if head == "pool-linear" else linear_head)
     log.info("%s", p)

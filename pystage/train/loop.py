@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pystage import distributed
-from pystage.train.config import TrainConfig
+from pystage.optim import make_optimizer
 from pystage.train.progress import Progress
 from pystage.train.sources import BatchSource
 
@@ -35,12 +35,6 @@ class CheckpointedChain(nn.Module):
         for part in self.parts:
             x = checkpoint(part, x, use_reentrant=False) if torch.is_grad_enabled() else part(x)
         return x
-
-
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @dataclass
