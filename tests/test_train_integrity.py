@@ -239,18 +239,18 @@ def test_a_diverging_search_draw_is_ranked_last_and_an_all_failing_search_stops(
 
 
 def test_engine_reads_the_device_once_per_run(monkeypatch):
-    """No host sync per step: the metrics and the guard are read in one .tolist() when run returns."""
+    """No host sync per step: the metrics and the guard are read in one .tolist() when run returns. (SGD here:
+    torch's Adam reads its step counters with .item(), which live in host memory even for CUDA parameters.)"""
     data = synthetic(n=100, num_classes=CLASSES, shape=(3, 4, 4))
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, CLASSES))
-    engine = Engine(net, CFG, torch.device("cpu"))
+    engine = Engine(net, TrainConfig(optimizer="sgd", lr=0.1), torch.device("cpu"))
     reads = []
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name: reads.append(_n) or _r(self, *a))
     stats = engine.run(DatasetSource(data, 10), None, Cursor())
     monkeypatch.undo()
-    assert stats.seen == 100 and reads.count("tolist") == 1, reads
-    assert len(reads) <= 2, reads  # the one read (+ the guard's stack when it is not a tolist)
+    assert stats.seen == 100 and reads == ["tolist"], reads
 
 
 # -- checkpoint and BatchNorm ------------------------------------------------------------------------------------

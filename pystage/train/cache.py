@@ -8,7 +8,8 @@ training and search configuration, epochs, batch size and seed. Identical
 prefixes (e.g. stage 1 of CNN1, CNN6 and CNN8) get identical keys and are
 trained once.
 
-Every file carries a BLAKE2b digest of its payload's bytes, checked at load: a
+Every file carries a BLAKE2b digest of its payload's bytes (a header line before
+the ``torch.save`` bytes), checked at load: a
 file that was edited, truncated or written by an older pystage (no digest), or
 whose tensors are not finite, is logged, ignored and its stage retrained. Files
 are written to a temporary name, fsynced and renamed into place.
@@ -29,7 +30,7 @@ from pystage.store.keys import module_digest
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # 2: checksummed files; checkpoint recomputation with frozen BatchNorm statistics; content-keyed inputs
-FILE_FORMAT = "pystage-stage-v2"
+MAGIC = b"pystage-stage-v2\n"  # then the payload's BLAKE2b (hex) on its own line, then the torch.save bytes
 
 
 def stage_key(**parts: Any) -> str:
@@ -70,11 +71,11 @@ class StageCache:
 
     @staticmethod
     def _read(path: str) -> dict:
-        outer = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(outer, dict) or outer.get("format") != FILE_FORMAT:
-            raise ValueError(f"not a {FILE_FORMAT} file (written by another pystage version?)")
-        blob, want = outer.get("blob"), outer.get("blake2b")
-        if not isinstance(blob, bytes) or _digest(blob) != want:
+        with open(path, "rb") as f:
+            magic, want, blob = f.readline(), f.readline().strip().decode("ascii", "replace"), f.read()
+        if magic != MAGIC:
+            raise ValueError(f"not a {MAGIC.strip().decode()} file (written by another pystage version?)")
+        if _digest(blob) != want:
             raise ValueError(f"checksum mismatch: the file was changed after it was written (blake2b {want})")
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
 
@@ -86,7 +87,7 @@ class StageCache:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save({"format": FILE_FORMAT, "blake2b": _digest(blob), "blob": blob}, f)
+                f.write(MAGIC + _digest(blob).encode() + b"\n" + blob)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -230,18 +230,24 @@ class CheckpointedChain(nn.Module):
 
 
 def _frozen_bn_recompute(part: nn.Module) -> Callable[[], tuple[Any, Any]]:
+    """checkpoint's ``context_fn``: nothing around the forward; around the recomputation, BatchNorm updates its
+    running statistics with momentum 0 (they stay exactly as they are) and its batch count is put back."""
     import contextlib
 
     norms = [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
     @contextlib.contextmanager
     def frozen() -> Any:
-        for m in norms:  # train mode normalises with the batch's statistics either way; only the update is skipped
-            m.track_running_stats = False
+        saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                 for m in norms]
+        for m in norms:  # train mode normalises with the batch's statistics either way; only the update changes
+            m.momentum = 0.0
         try:
             yield
         finally:
-            for m in norms:
-                m.track_running_stats = True
+            for m, (momentum, count) in zip(norms, saved):
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
 
     return lambda: (contextlib.nullcontext(), frozen())
