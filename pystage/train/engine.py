@@ -78,6 +78,7 @@ class Engine:
     def new_optimizer(self, config: Optional[TrainConfig] = None, state: Optional[dict] = None) -> torch.optim.Optimizer:
         """A fresh optimizer over the module's trainable parameters (``state``: an optimizer state to continue)."""
         self.config = config or self.config
+        self.optimizer = None  # type: ignore[assignment]  # the old state is freed before the new one is loaded
         self.optimizer = make_optimizer([p for p in self.module.parameters() if p.requires_grad], self.config)
         if state is not None:
             self.optimizer.load_state_dict(state)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pystage import distributed
-from pystage.store import FeatureStore, StoreCorruptError, dataset_fingerprint
+from pystage.store import FeatureStore, StoreCorruptError, StoreEntry, dataset_fingerprint
 
 log = logging.getLogger(__name__)
 MAX_REPAIRS = 3
@@ -36,10 +36,12 @@ class _Recipe:
 def upstream_of(data: Any) -> str:
     """What a key built from ``data`` hashes: an entry's content digest, a ShardSet's manifest id, a dataset's
     fingerprint."""
-    if hasattr(data, "content_digest") and hasattr(data, "stream"):
+    from pystage.store.shards import ShardSet
+
+    if isinstance(data, StoreEntry):
         return data.content_digest
-    if hasattr(data, "key") and not hasattr(data, "stream"):
-        return data.key  # a ShardSet: the manifest id, the same in every world size
+    if isinstance(data, ShardSet):
+        return data.key  # the manifest id (distributed.build_shards sets it): the same in every world size
     return dataset_fingerprint(data)
 
 
