@@ -225,3 +225,42 @@ def test_search_without_val_splits_the_training_set(tmp_path):
     assert all(s.trials == 2 for s in rep.stages)
     entries = FeatureStore(tmp_path / "store").ls()
     assert sorted(e.num_rows for e in entries) == [20, 180]  # 10% held out for validation
+
+
+def test_search_keeps_only_live_trials(monkeypatch):
+    """Every trial trains in the engine's one module (nothing is deep-copied); a paused trial's weights and optimizer
+    wait in host memory and a pruned trial's are dropped at once."""
+    import copy
+    import gc
+    import weakref
+
+    from pystage.train import search
+
+    data = synthetic(n=60, num_classes=CLASSES, shape=(3, 4, 4))
+    src = DatasetSource(data, 10)
+    net = Spy()
+    params = [id(p) for p in net.parameters()]
+    saved: list[weakref.ref] = []
+    live_at_train: list[int] = []
+
+    class State(dict):  # a dict that can be watched
+        pass
+
+    real_save, real_train = search._save, search._train
+    monkeypatch.setattr(search, "_save", lambda engine: saved.append(weakref.ref(s := State(real_save(engine)))) or s)
+
+    def train(*a, **kw):
+        gc.collect()
+        live_at_train.append(sum(r() is not None for r in saved))
+        return real_train(*a, **kw)
+
+    monkeypatch.setattr(search, "_train", train)
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **kw: pytest.fail("the search deep-copied something"))
+    configs = [TrainConfig(lr=lr) for lr in (1e-3, 1e-2, 1e-1, 1e-4, 3e-2)]
+    best, summary = run_search(engine(net, configs[0]), configs, src, None, epochs=2, halving=True, eta=2)
+    # rungs (3 steps, keep 3), (6, keep 2), (12, keep 1): 5 + 3 + 2 trainings
+    assert len(live_at_train) == 10
+    assert max(live_at_train[5:8]) <= 3 and max(live_at_train[8:]) <= 2  # pruned trials hold nothing
+    gc.collect()
+    assert all(r() is None for r in saved) and best.state is None  # the winner lives in the module only
+    assert [id(p) for p in net.parameters()] == params
