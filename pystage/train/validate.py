@@ -129,9 +129,9 @@ def check_labels(data: Optional[Dataset], name: str, classes: int) -> None:
     if data is None:
         return
     y = _column(data, 1)
-    if y is None:
-        y = torch.as_tensor([int(torch.as_tensor(data[i][1])) if _is_int(data[i][1]) else math.nan
-                             for i in range(len(data))])
+    if y is None:  # a dataset read row by row (fit reads every row for its fingerprint anyway)
+        labels = [torch.as_tensor(data[i][1]) for i in range(len(data))]
+        y = torch.as_tensor([int(t) if _is_int(t) else math.nan for t in labels])
     if y.is_floating_point() or y.dim() != 1:
         raise FitArgumentError(f"{name} labels", f"{y.dtype} of shape {tuple(y.shape)}",
                                "one integer class id per sample")
@@ -174,8 +174,7 @@ def staged_model(model: nn.Module, train: Dataset, head: str) -> StagedNet:
                                      head=head)
 
 
-def _is_int(v: Any) -> bool:
-    t = torch.as_tensor(v)
+def _is_int(t: Tensor) -> bool:
     return t.dim() == 0 and not t.is_floating_point() and not t.is_complex()
 
 
