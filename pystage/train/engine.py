@@ -167,7 +167,8 @@ class Engine:
             sums = torch.stack([(loss_t * torch.tensor(factors, dtype=torch.float64, device=loss_t.device)).sum(),
                                 torch.stack(correct).sum().double() if correct else loss_t.new_zeros(())])
         else:
-            first_bad, sums = torch.tensor(math.inf, dtype=torch.float64, device=dev), torch.zeros(2, dtype=torch.float64, device=dev)
+            first_bad = torch.tensor(math.inf, dtype=torch.float64, device=dev)
+            sums = torch.zeros(2, dtype=torch.float64, device=dev)
         mins = torch.stack([first_bad.to(dev), finite_tensors(self.module.parameters(), self.module.buffers()).to(dev)])
         if self.ddp:
             sums, mins = distributed.all_reduce_(sums.to(dev)), distributed.all_reduce_(mins, "min")
