@@ -98,6 +98,20 @@ def all_sum(*values: float) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``t`` reduced (sum, min or max) over the ranks, in place; ``t`` must be on this rank's device."""
+    if world().active:
+        dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def requested_size() -> int:
+    """Processes in the group this process is in or is about to join (torchrun's WORLD_SIZE); 1 without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def all_gather(value: Any) -> list[Any]:
     """``value`` of every rank, in rank order."""
     if not world().active:
@@ -131,15 +145,6 @@ def unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, DistributedDataParallel) else net
 
 
-def loss_weight(net: nn.Module, rows: int) -> Optional[float]:
-    """For a DDP ``net``: ``size / rows of the global batch``, so that a rank's summed loss times it, averaged by
-    DDP over the ranks, is the mean loss of the global batch (ranks' parts may differ by a row). None otherwise."""
-    if not is_ddp(net):
-        return None
-    total = all_sum(float(rows))[0]
-    return world().size / max(total, 1.0)
-
-
 class RankZeroCache:
     """A StageCache whose writes happen on rank 0 only, each followed by a barrier; every rank reads."""
 
@@ -165,7 +170,8 @@ class RankZeroCache:
 def build_shards(store: Any, upstream: str, body: nn.Module, data: Any, split: str, dtype: torch.dtype,
                  batch_size: int, device: torch.device, progress: bool) -> Any:
     """Build this rank's shard of ``body``'s features over ``data``; rank 0 writes the manifest; all ranks get the
-    ShardSet of every rank's shard. A manifest or shard of another world size is logged and rebuilt, never used."""
+    ShardSet of every rank's shard. A manifest or shard of another world size is logged and rebuilt, never used;
+    so is a shard whose checksums do not match (every rank verifies its own shard once per run)."""
     from pystage.store.shards import ShardSet, StoreShardError, check_shard_entry, read_manifest, write_manifest
 
     w = world()
@@ -175,7 +181,7 @@ def build_shards(store: Any, upstream: str, body: nn.Module, data: Any, split: s
     except StoreShardError as e:
         log.warning("%s: building shards for world size %d", e, w.size)
     key = store.key(upstream=upstream, module=body, dtype=dtype, split=split, shard=(w.rank, w.size))
-    entry = store.build(key, body, data, batch_size=batch_size, device=device, progress=progress)
+    entry = store.build(key, body, data, batch_size=batch_size, device=device, progress=progress, verify=True)
     try:
         check_shard_entry(entry, w.rank, w.size, len(data))
     except StoreShardError as e:
@@ -201,37 +207,3 @@ def broadcast_(net: nn.Module) -> nn.Module:
     return net
 
 
-def dataset_sources(train: Any, val: Any, batch_size: int, seed: int, device: torch.device) -> tuple[Any, Any]:
-    """The first stage's sources: this rank's part of each single-process global batch of ``train`` / ``val``."""
-    from pystage.train.sharded import ShardedDatasetSource
-
-    w = world()
-    src = ShardedDatasetSource(train, batch_size, w.rank, w.size, seed, device=device)
-    if val is None:
-        return src, None
-    return src, ShardedDatasetSource(val, batch_size, w.rank, w.size, shuffle=False, device=device)
-
-
-def next_sources(store: Any, body: nn.Module, inputs: Sequence[Any], report: Any, batch_size: int, seed: int,
-                 dtype: torch.dtype, device: torch.device, progress: bool) -> tuple[Any, Any, tuple]:
-    """Sharded ``fit._next_sources``: (train source, val source, the ShardSets); fills ``report``'s store fields."""
-    import time
-
-    from pystage.store import dataset_fingerprint
-    from pystage.train.sharded import ShardedStoreSource
-
-    w, t = world(), time.perf_counter()
-    sets = []
-    for split, data in zip(("train", "val"), inputs):
-        if data is None:
-            sets.append(None)
-            continue
-        upstream = data.key if hasattr(data, "key") else dataset_fingerprint(data)
-        sets.append(build_shards(store, upstream, body, data, split, dtype, max(batch_size, 256), device, progress))
-    report.store_seconds = time.perf_counter() - t
-    report.store_key, report.store_bytes = sets[0].key, sum(s.nbytes for s in sets if s is not None)
-    budget = store.config.ram_budget
-    train = ShardedStoreSource(sets[0], batch_size, w.rank, w.size, budget, seed, device=device)
-    val = None if sets[1] is None else ShardedStoreSource(sets[1], batch_size, w.rank, w.size, budget, shuffle=False,
-                                                          device=device)
-    return train, val, tuple(sets)

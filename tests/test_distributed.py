@@ -19,7 +19,7 @@ import pystage
 from pystage.store import FeatureStore
 from pystage.store.order import epoch_order
 from pystage.store.shards import ShardSet, StoreShardError, read_manifest, write_manifest
-from pystage.train.sharded import rank_parts
+from pystage.train.sources import rank_parts
 
 FIT = dict(method="partial", epochs=2, batch_size=50, seed=0, progress=False, store_dtype=torch.float32)
 

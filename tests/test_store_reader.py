@@ -117,7 +117,7 @@ def test_check_on_read_finds_a_flipped_bit(tmp_path):
     for shuffle in (True, False):
         with pytest.raises(StoreCorruptError, match="chunk 3"):
             list(store.open(entry.key).stream(batch_size=50, shuffle=shuffle, check=True))
-    assert len(list(store.open(entry.key).stream(batch_size=50))) == N // 50  # check=False reads it as is
+    assert len(list(store.open(entry.key).stream(batch_size=50, check=False))) == N // 50  # read as is
 
 
 def test_check_on_read_passes_on_intact_data(entry):

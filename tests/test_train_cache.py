@@ -71,7 +71,7 @@ def test_architectures_sharing_a_prefix_train_it_once(tmp_path):
         assert (r8[i].val_acc, r8[i].train_acc, r8[i].lr) == (r6[i].val_acc, r6[i].train_acc, r6[i].lr)
         assert r8[i].seconds == r6[i].seconds > 0
     assert r8[0].store_key == r6[0].store_key  # stage 1's stored features are reused...
-    assert first_body == []  # ...so stage 1 never runs: not trained, not evaluated, no features rebuilt
+    assert first_body == [1]  # ...so stage 1 runs only in fit's one-sample check: not trained, evaluated or rebuilt
     assert r8[1].store_key is not None and r8[1].store_bytes > 0  # cnn6's last stage stored nothing; cnn8 needs it
     assert len(FeatureStore(tmp_path / "store").ls()) == 4
 
@@ -229,7 +229,7 @@ def resume_and_check(root: Path, reference, caplog, epoch_saved: int):
     assert rep.stages[0].stage_key == done_before[0] and rep.stages[1].stage_key == running_before[0]
     assert f"stage 2: resuming after epoch {epoch_saved}" in caplog.text
     assert "stage 3: resuming" not in caplog.text
-    assert first_body == []  # stage 1 neither retrained nor pushed through again: its features were reused
+    assert first_body == [1]  # only fit's one-sample check: stage 1 neither retrained nor pushed through again
     stored_after = entry_stats(root)
     assert {k: stored_after[k] for k in stored_before} == stored_before  # same files, untouched
     assert len(stored_after) == 4
@@ -250,7 +250,7 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path, caplog):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "FINISHED" not in proc.stdout
     _, running = files(root)
-    saved = torch.load(root / "stages" / f"{running[0]}.progress.pt", weights_only=False)
+    saved = StageCache(str(root / "stages")).load(running[0], "progress")
     assert saved["cursor"]["epoch"] == 1  # killed during epoch 2 of stage 2
     resume_and_check(root, uninterrupted(tmp_path / "reference"), caplog, epoch_saved=1)
 
@@ -281,7 +281,7 @@ def test_run_killed_from_outside_resumes(tmp_path, caplog):
     assert proc.returncode == -signal.SIGKILL and "FINISHED" not in out
     done, running = files(root)
     assert len(done) == 1, "killed after stage 2 finished: the test's timing did not hold"
-    saved = torch.load(root / "stages" / f"{running[0]}.progress.pt", weights_only=False)
+    saved = StageCache(str(root / "stages")).load(running[0], "progress")
     epoch = saved["cursor"]["epoch"]
     assert epoch in (1, 2)
     resume_and_check(root, uninterrupted(tmp_path / "reference"), caplog, epoch_saved=epoch)

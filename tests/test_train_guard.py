@@ -1,12 +1,9 @@
 """fit under a memory budget: a stage that runs out of memory anyway is re-planned, finished stages are kept."""
-import importlib
-
 import pytest
 import torch
 
 import pystage
-
-fit_module = importlib.import_module("pystage.train.fit")  # the module (pystage.train.fit is the function)
+from pystage.train.engine import Engine
 
 
 def _data():
@@ -14,16 +11,17 @@ def _data():
 
 
 def _oom_once(monkeypatch, when):
-    """Make train_steps raise torch.OutOfMemoryError the first time ``when(net)`` holds (a stand-in for CUDA OOM)."""
-    real, fired = fit_module.train_steps, []
+    """Make Engine.run raise torch.OutOfMemoryError the first time ``when(net)`` holds for the module it trains
+    (a stand-in for CUDA OOM)."""
+    real, fired = Engine.run, []
 
-    def train_steps(net, *args, **kw):
-        if not fired and when(net):
+    def run(self, *args, **kw):
+        if not fired and when(self.module):
             fired.append(True)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(net, *args, **kw)
+        return real(self, *args, **kw)
 
-    monkeypatch.setattr(fit_module, "train_steps", train_steps)
+    monkeypatch.setattr(Engine, "run", run)
     return fired
 
 

@@ -148,13 +148,16 @@ def test_partial_reads_stored_features_built_with_one_forward_pass(tmp_path):
     steps = epochs * math.ceil(N / BATCH)
     for i in range(3):
         ev = calls.of(i)
-        expected = [(True, True, BATCH)] * steps + [(False, False, b) for b in batches(N_VAL, BATCH)]  # train, eval
+        # fit's check (one sample through the whole model), then train, eval
+        expected = [(False, False, 1)] + [(True, True, BATCH)] * steps + [(False, False, b) for b in batches(N_VAL, BATCH)]
         if i < 2:  # then one no-grad pass over each split to build the next stage's input
             expected += [(False, False, b) for b in batches(N, build) + batches(N_VAL, build)]
         assert ev == expected, f"stage {i + 1}"
-    # stage k+1 never runs stage k: it reads the store
+    # stage k+1 never runs stage k: it reads the store (after fit's one-sample check, which runs every stage)
+    training = [e for e in calls.events if e[3] != 1]
     for i in range(2):
-        assert all(e[0] != i for e in calls.events[calls.first(i + 1):])
+        first = next(n for n, e in enumerate(training) if e[0] == i + 1)
+        assert all(e[0] != i for e in training[first:])
     # one entry per non-last stage per split
     entries = store.ls()
     assert len(entries) == 4
@@ -176,9 +179,10 @@ def test_partial_recompute_runs_the_frozen_prefix_every_batch(tmp_path):
     train_calls = [(True, True, BATCH)] * steps
     frozen_calls = [(False, False, BATCH)] * steps  # every batch of every epoch, no grad, eval mode
     evals = [(False, False, b) for b in batches(N_VAL, BATCH)]
-    assert calls.of(0) == train_calls + evals + (frozen_calls + evals) * 2
-    assert calls.of(1) == train_calls + evals + frozen_calls + evals
-    assert calls.of(2) == train_calls + evals
+    check = [(False, False, 1)]  # fit's one-sample check through the whole model, before training
+    assert calls.of(0) == check + train_calls + evals + (frozen_calls + evals) * 2
+    assert calls.of(1) == check + train_calls + evals + frozen_calls + evals
+    assert calls.of(2) == check + train_calls + evals
     assert store.ls() == []
 
 
@@ -297,7 +301,7 @@ def test_memory_budget_needs_a_sequential(tmp_path):
 
 def test_unknown_method_names_the_argument_and_choices(tmp_path):
     train, _ = task(n=100)
-    with pytest.raises(ValueError, match=r"method must be one of total, partial.*'sideways'"):
+    with pytest.raises(ValueError, match=r"method: got 'sideways', expected one of total, partial"):
         fit(model(), train, None, tmp_path, method="sideways")
 
 

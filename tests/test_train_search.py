@@ -11,10 +11,16 @@ from torch import nn
 import pystage
 from pystage import FeatureStore, SearchConfig, TrainConfig, models
 from pystage.data import synthetic
-from pystage.train.loop import Cursor, train_steps
-from pystage.train.progress import Progress
+from pystage.train.engine import Cursor, Engine
+from pystage.train.errors import FitArgumentError
 from pystage.train.search import draw_configs, rung_budgets, run_search
 from pystage.train.sources import DatasetSource
+
+SGD = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0)
+
+
+def engine(net: nn.Module, config: TrainConfig = SGD) -> Engine:
+    return Engine(net, config, torch.device("cpu"))
 
 SHAPE = (3, 16, 16)
 CLASSES = 4
@@ -62,10 +68,14 @@ def test_draws_spread_on_a_log_scale():
     assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.2
 
 
-@pytest.mark.parametrize("kw", [{"draws": -1}, {"eta": 1}, {"sigma": -0.5}])
+@pytest.mark.parametrize("kw", [{"draws": -1}, {"eta": 1}, {"sigma": -0.5}, {"draws": 2.5}, {"draws": True},
+                                {"eta": 2.0}, {"lr": 0}, {"lr": float("nan")}, {"weight_decay": -1e-4},
+                                {"halving": "yes"}, {"seed": "0"}])
 def test_search_config_checks_its_values(kw):
-    with pytest.raises(ValueError, match=next(iter(kw))):
+    name, value = next(iter(kw.items()))
+    with pytest.raises(FitArgumentError, match=f"SearchConfig.{name}: got {value!r}, expected") as info:
         SearchConfig(**kw)
+    assert info.value.name == f"SearchConfig.{name}" and isinstance(info.value, ValueError)
 
 
 # -- successive halving budgets ---------------------------------------------------------------------------------
@@ -105,7 +115,7 @@ class Spy(nn.Module):
         return self.lin(x.flatten(1))
 
 
-def test_train_steps_continues_a_stopped_epoch_where_it_stopped():
+def test_engine_run_continues_a_stopped_epoch_where_it_stopped():
     data = synthetic(n=100, num_classes=CLASSES, shape=(3, 4, 4))
     src = DatasetSource(data, 10, seed=3)  # 10 batches per epoch
     torch.manual_seed(0)
@@ -113,11 +123,10 @@ def test_train_steps_continues_a_stopped_epoch_where_it_stopped():
     parts = Spy()
     parts.load_state_dict(whole.state_dict())
     c_whole, c_parts = Cursor(), Cursor()
-    opt_w = torch.optim.SGD(whole.parameters(), lr=0.1)
-    opt_p = torch.optim.SGD(parts.parameters(), lr=0.1)
-    train_steps(whole, opt_w, src, 25, c_whole, Progress(False))
+    e_whole, e_parts = engine(whole), engine(parts)
+    e_whole.run(src, 25, c_whole)
     for n in (3, 7, 4, 11):  # halving-style budgets that end mid-epoch
-        train_steps(parts, opt_p, src, n, c_parts, Progress(False))
+        e_parts.run(src, n, c_parts)
     assert c_parts.steps == c_whole.steps == 25
     assert (c_parts.epoch, c_parts.batch) == (c_whole.epoch, c_whole.batch) == (2, 5)
     seen_w, seen_p = torch.cat(whole.rows), torch.cat(parts.rows)
@@ -127,15 +136,14 @@ def test_train_steps_continues_a_stopped_epoch_where_it_stopped():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_train_steps_whole_epochs():
+def test_engine_run_whole_epochs():
     data = synthetic(n=45, num_classes=CLASSES, shape=(3, 4, 4))
     net = Spy()
     cursor = Cursor()
-    stats = train_steps(net, torch.optim.SGD(net.parameters(), lr=0.1), DatasetSource(data, 10), None, cursor,
-                        Progress(False))
+    stats = engine(net).run(DatasetSource(data, 10), None, cursor)
     assert (cursor.epoch, cursor.steps, cursor.batch) == (1, 5, 0)
     assert stats.seen == 45 and 0 <= stats.accuracy <= 1 and stats.loss > 0
-    train_steps(net, torch.optim.SGD(net.parameters(), lr=0.1), DatasetSource(data, 10), 12, cursor, Progress(False))
+    engine(net).run(DatasetSource(data, 10), 12, cursor)
     assert (cursor.epoch, cursor.steps, cursor.batch) == (3, 17, 2)
 
 
@@ -152,8 +160,8 @@ def test_run_search_trains_survivors_to_the_full_budget():
         net.load_state_dict(start.state_dict())
         return net
 
-    best, summary = run_search(make, configs, src, val_src, epochs=2, steps_per_epoch=6, halving=True, eta=2,
-                               progress=Progress(False))
+    searched = make()
+    best, summary = run_search(engine(searched), configs, src, val_src, epochs=2, halving=True, eta=2)
     assert [s["lr"] for s in summary] == [c.lr for c in configs]
     # rungs (3, 3), (6, 2), (12, 1): 5 trials train 3 steps, 3 go on to 6, 2 to 12, the better of those wins
     assert sorted(s["steps"] for s in summary) == [3, 3, 6, 12, 12]
@@ -162,12 +170,10 @@ def test_run_search_trains_survivors_to_the_full_budget():
     assert best.config.lr in [s["lr"] for s in finalists]
     # the winner equals an uninterrupted run of its configuration over the same 12 steps
     ref = make()
-    train_steps(ref, torch.optim.Adam(ref.parameters(), lr=best.config.lr, weight_decay=best.config.weight_decay),
-                src, 12, Cursor(), Progress(False))
-    for a, b in zip(ref.lin.parameters(), best.net.lin.parameters()):
+    engine(ref, best.config).run(src, 12, Cursor())
+    for a, b in zip(ref.lin.parameters(), searched.lin.parameters()):  # the module holds the winner's weights
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
-    plain, plain_summary = run_search(make, configs, src, val_src, 2, 6, halving=False, eta=2,
-                                      progress=Progress(False))
+    plain, plain_summary = run_search(engine(make()), configs, src, val_src, 2, halving=False, eta=2)
     assert [s["steps"] for s in plain_summary] == [12] * 5
     assert plain.val_acc == max(s["val_acc"] for s in plain_summary)
 
@@ -219,3 +225,42 @@ def test_search_without_val_splits_the_training_set(tmp_path):
     assert all(s.trials == 2 for s in rep.stages)
     entries = FeatureStore(tmp_path / "store").ls()
     assert sorted(e.num_rows for e in entries) == [20, 180]  # 10% held out for validation
+
+
+def test_search_keeps_only_live_trials(monkeypatch):
+    """Every trial trains in the engine's one module (nothing is deep-copied); a paused trial's weights and optimizer
+    wait in host memory and a pruned trial's are dropped at once."""
+    import copy
+    import gc
+    import weakref
+
+    from pystage.train import search
+
+    data = synthetic(n=60, num_classes=CLASSES, shape=(3, 4, 4))
+    src = DatasetSource(data, 10)
+    net = Spy()
+    params = [id(p) for p in net.parameters()]
+    saved: list[weakref.ref] = []
+    live_at_train: list[int] = []
+
+    class State(dict):  # a dict that can be watched
+        pass
+
+    real_save, real_train = search._save, search._train
+    monkeypatch.setattr(search, "_save", lambda engine: saved.append(weakref.ref(s := State(real_save(engine)))) or s)
+
+    def train(*a, **kw):
+        gc.collect()
+        live_at_train.append(sum(r() is not None for r in saved))
+        return real_train(*a, **kw)
+
+    monkeypatch.setattr(search, "_train", train)
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **kw: pytest.fail("the search deep-copied something"))
+    configs = [TrainConfig(lr=lr) for lr in (1e-3, 1e-2, 1e-1, 1e-4, 3e-2)]
+    best, summary = run_search(engine(net, configs[0]), configs, src, None, epochs=2, halving=True, eta=2)
+    # rungs (3 steps, keep 3), (6, keep 2), (12, keep 1): 5 + 3 + 2 trainings
+    assert len(live_at_train) == 10
+    assert max(live_at_train[5:8]) <= 3 and max(live_at_train[8:]) <= 2  # pruned trials hold nothing
+    gc.collect()
+    assert all(r() is None for r in saved) and best.state is None  # the winner lives in the module only
+    assert [id(p) for p in net.parameters()] == params

@@ -209,7 +209,12 @@ def build_entry(directory: str, module: nn.Module, data: Any, spec: BuildSpec) -
                     writer = _Writer(tmp, tuple(out.shape[1:]), fdtype, tuple(y.shape[1:]), label_storage_dtype(y.dtype))
                     _check_space(directory, tmp, expected_rows, out, y)
                     stored = spec.storage_dtype or out.dtype
-                writer.append(_to_numpy(out.to(stored), writer.x.dtype), _to_numpy(y, writer.y.dtype))
+                cast = out.to(stored)
+                if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+                    raise StoreArgumentError(f"module output for batch {i} in {stored}", "non-finite values (NaN, "
+                                             "inf, or beyond the storage dtype's range)",
+                                             "finite features: non-finite features are never stored")
+                writer.append(_to_numpy(cast, writer.x.dtype), _to_numpy(y, writer.y.dtype))
                 bar.update(len(out))
         if writer is None:
             raise StoreArgumentError("data", "0 rows", "at least one row")

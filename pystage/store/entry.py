@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pystage.store.format import EntryMeta, decode_json_attr
-from pystage.store.reader import verify_checksums
+from pystage.store.reader import content_digest, verify_checksums
 from pystage.store.scatter import ScatterReader
 from pystage.store.stream import StoreDataset, StreamOptions, iter_stream, plan_stream
 from pystage.store.window import Buffers, WindowPool, aligned_empty
@@ -21,7 +21,8 @@ class StoreEntry:
 
     def __init__(self, meta: EntryMeta, ram_budget: int) -> None:
         self._meta, self.ram_budget = meta, ram_budget
-        self._resident: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._resident: Optional[tuple[np.ndarray, np.ndarray, bool]] = None  # (x, y, checksums verified)
+        self._digest: Optional[str] = None
         self._lock = threading.Lock()
         self._pool = WindowPool()  # two stream windows, reused from epoch to epoch
 
@@ -54,7 +55,7 @@ class StoreEntry:
                              device=None if device is None else torch.device(device), check=check)
 
     def stream(self, batch_size: int = 50, shuffle: bool = True, seed: int = 0, epoch: int = 0, device: Device = None,
-               drop_last: bool = False, check: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+               drop_last: bool = False, check: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of ``(x, y)`` batches, ``x: (B, *feature_shape)``; same (seed, epoch) -> same order.
 
         Reads chunk-aligned blocks in shuffled order straight into windows of ``ram_budget / 4`` (os.preadv
@@ -62,22 +63,23 @@ class StoreEntry:
         is a view of its window, not a copy. A window is refilled only when none of its batches is alive, so
         a batch you keep is never overwritten, but it keeps its window's memory: ``.clone()`` batches you keep
         for long. Two windows are kept for reuse between epochs (``release_buffers()`` frees them). An entry
-        that fits half the budget is loaded once and kept in RAM. ``check`` verifies each chunk's CRC as it
-        is read. On CUDA, windows are pinned and batches are copied non-blocking.
+        that fits half the budget is loaded once and kept in RAM. ``check`` (the default) verifies each chunk's
+        CRC as it is read (a resident entry once, when it is loaded): a mismatch raises StoreCorruptError naming
+        the file and the chunk. On CUDA, windows are pinned and batches are copied non-blocking.
         """
         opts = self._options(batch_size, shuffle, seed, epoch, device, drop_last, check)
-        return iter_stream(self._meta, self.ram_budget, opts, resident=None if check else self._load_resident,
+        return iter_stream(self._meta, self.ram_budget, opts, resident=lambda: self._load_resident(check),
                            pool=self._pool)
 
     def dataset(self, batch_size: int = 50, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-                drop_last: bool = False, check: bool = False) -> StoreDataset:
+                drop_last: bool = False, check: bool = True) -> StoreDataset:
         """A torch IterableDataset of CPU batches for ``DataLoader(ds, batch_size=None, num_workers=k)``."""
         return StoreDataset(self._meta, self.ram_budget, self._options(batch_size, shuffle, seed, epoch, None,
                                                                         drop_last, check))
 
     def iter_rows(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Rows ``[start, stop)`` in order, in batches (what build() reads when the next stage is sharded)."""
-        opts = StreamOptions(batch_size=batch_size, shuffle=False, rows=(start, stop))
+        """Rows ``[start, stop)`` in order, in batches, every chunk's CRC verified (what build() reads)."""
+        opts = StreamOptions(batch_size=batch_size, shuffle=False, rows=(start, stop), check=True)
         return iter_stream(self._meta, self.ram_budget, opts, resident=None, pool=self._pool)
 
     def release_buffers(self) -> None:
@@ -90,21 +92,32 @@ class StoreEntry:
         """Chunks whose CRC does not match, as ``(chunk, first_row, stop_row)``; empty when the data is intact."""
         return verify_checksums(self._meta, plan_stream(self._meta, self.ram_budget, 1).block_rows)
 
-    def _load_resident(self) -> tuple[np.ndarray, np.ndarray]:
-        """The whole entry in RAM, read once in chunk-aligned blocks (only when it fits half of ram_budget)."""
+    @property
+    def content_digest(self) -> str:
+        """Hash of what the entry holds: row count, shapes, dtypes and every chunk's CRC (read from the file once).
+
+        Reads that verify the CRCs serve exactly the bytes this digest describes, so it keys what was
+        computed from the entry (a stage trained on it, the next stage's features)."""
+        if self._digest is None:
+            self._digest = content_digest(self._meta)
+        return self._digest
+
+    def _load_resident(self, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The whole entry in RAM, read once in chunk-aligned blocks (only when it fits half of ram_budget);
+        with ``check`` every chunk's CRC is verified (once: a verified copy is kept)."""
         with self._lock:
-            if self._resident is None:
+            if self._resident is None or (check and not self._resident[2]):
                 m = self._meta
                 x = aligned_empty((m.num_rows, *m.feature_shape), m.stored_dtype)  # (N, *feature_shape)
                 y = aligned_empty((m.num_rows, *m.label_shape), m.label_dtype)  # (N, *label_shape)
-                reader = ScatterReader(m)
+                reader = ScatterReader(m, check=check)
                 try:
                     if m.num_rows:
                         reader.read(0, m.num_rows, Buffers(x, y))
                 finally:
                     reader.close()
-                self._resident = (x, y)
-            return self._resident
+                self._resident = (x, y, check)
+            return self._resident[0], self._resident[1]
 
     def __getstate__(self) -> dict[str, Any]:
         return {"_meta": self._meta, "ram_budget": self.ram_budget}

@@ -1,6 +1,7 @@
 """Read chunk-aligned row blocks through HDF5 into caller-owned buffers: ``verify()``'s reader (streams use scatter.py)."""
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import h5py
@@ -77,3 +78,17 @@ def verify_checksums(meta: EntryMeta, block_rows: int) -> list[tuple[int, int, i
     finally:
         reader.close()
     return bad
+
+
+def content_digest(meta: EntryMeta) -> str:
+    """BLAKE2b of an entry's geometry and its checksum table (32 hex digits); StoreCorruptError if unreadable."""
+    try:
+        with h5py.File(meta.path, "r") as f:
+            crcs = np.ascontiguousarray(f[CHECKSUMS][()], dtype="<u4")
+    except (OSError, KeyError) as e:
+        raise StoreCorruptError(meta.path, "dataset '/checksums'", "readable", f"{type(e).__name__}: {e}") from None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((meta.num_rows, meta.feature_shape, str(meta.dtype), meta.stored_dtype.str, meta.label_shape,
+                   meta.label_dtype.str, meta.chunk_rows)).encode())
+    h.update(crcs.tobytes())
+    return h.hexdigest()

@@ -80,7 +80,8 @@ class ShardSet(Dataset):
     """The shard entries of one split, in index order, read as one dataset of ``num_rows`` global rows.
 
     Global row ``g`` lives in the shard whose row range holds it. ``rows(indices)`` reads any rows: from RAM when
-    all shards fit half of ``ram_budget`` (loaded once), else with one sorted HDF5 read per shard and call.
+    all shards fit half of ``ram_budget`` (loaded and verified once), else by reading the chunks that hold them,
+    each chunk's CRC verified.
     ``__getitems__`` lets a DataLoader (and ``build``) fetch a batch in one call.
     """
 
@@ -98,20 +99,16 @@ class ShardSet(Dataset):
     def __len__(self) -> int:
         return self.num_rows
 
-    def _arrays(self, i: int) -> tuple[Any, Any]:
-        if self.nbytes <= self.ram_budget // 2:
-            if i not in self._resident:
-                self._resident[i] = self.entries[i]._load_resident()
-            return self._resident[i]
-        import h5py
+    @property
+    def content_digest(self) -> str:
+        """Hash of every shard's content digest, in index order (what the shards hold, verified as read)."""
+        import hashlib
 
-        from pystage.store.format import FEATURES, LABELS
-
-        f = h5py.File(self.entries[i].path, "r")
-        return f[FEATURES], f[LABELS]
+        return hashlib.blake2b("".join(e.content_digest for e in self.entries).encode(), digest_size=16).hexdigest()
 
     def rows(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features ``(len(indices), *feature_shape)`` (in the stored dtype, as served) and labels of global rows."""
+        """Features ``(len(indices), *feature_shape)`` (in the stored dtype, as served) and labels of global rows;
+        every chunk they come from has its CRC verified (StoreCorruptError names the file and chunk)."""
         m = self.meta
         x = np.empty((len(indices), *m.feature_shape), m.stored_dtype)
         y = np.empty((len(indices), *m.label_shape), m.label_dtype)
@@ -119,13 +116,13 @@ class ShardSet(Dataset):
         for s in np.unique(shard_of):
             at = np.nonzero(shard_of == s)[0]
             local = indices[at] - self.starts[s]
-            fx, fy = self._arrays(int(s))
-            if isinstance(fx, np.ndarray):
+            if self.nbytes <= self.ram_budget // 2:  # all shards fit half the budget: each loaded (and verified) once
+                if s not in self._resident:
+                    self._resident[int(s)] = self.entries[int(s)]._load_resident()
+                fx, fy = self._resident[int(s)]
                 x[at], y[at] = fx[local], fy[local]
-            else:  # h5py: increasing unique indices only
-                uniq, inverse = np.unique(local, return_inverse=True)
-                x[at], y[at] = fx[uniq][inverse], fy[uniq][inverse]
-                fx.file.close()
+            else:
+                x[at], y[at] = _verified_rows(self.entries[int(s)]._meta, local)
         if m.dtype == torch.bfloat16:  # stored as raw uint16 bits
             return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16), torch.from_numpy(y)
         return torch.from_numpy(x), torch.from_numpy(y)
@@ -137,3 +134,26 @@ class ShardSet(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.rows(np.array([i], dtype=np.int64))
         return x[0], y[0]
+
+
+def _verified_rows(meta: Any, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``local`` of one entry: each chunk holding any of them is read whole and its CRC checked."""
+    from pystage.store.scatter import ScatterReader
+    from pystage.store.window import Buffers, aligned_empty
+
+    cr = meta.chunk_rows
+    x = np.empty((len(local), *meta.feature_shape), meta.stored_dtype)
+    y = np.empty((len(local), *meta.label_shape), meta.label_dtype)
+    bufs = Buffers(aligned_empty((cr, *meta.feature_shape), meta.stored_dtype),
+                   aligned_empty((cr, *meta.label_shape), meta.label_dtype))
+    chunk = local // cr
+    reader = ScatterReader(meta, check=True)
+    try:
+        for c in np.unique(chunk):
+            a, b = int(c) * cr, min((int(c) + 1) * cr, meta.num_rows)
+            reader.read(a, b, bufs)
+            sel = np.nonzero(chunk == c)[0]
+            x[sel], y[sel] = bufs.x[local[sel] - a], bufs.y[local[sel] - a]
+    finally:
+        reader.close()
+    return x, y

@@ -64,7 +64,8 @@ class FeatureStore:
 
     def key(self, upstream: str, module: nn.Module, dtype: torch.dtype = torch.float16, transforms: str = "",
             split: str = "train", shard: Optional[tuple[int, int]] = None, extra: Any = None) -> StoreKey:
-        """Key of ``module``'s features stored as ``dtype``: hash of upstream key/fingerprint, architecture, weights, options."""
+        """Key of ``module``'s features stored as ``dtype``: hash of ``upstream`` (a dataset fingerprint, or the
+        entry the features are computed from: its key or its ``content_digest``), architecture, weights, options."""
         return StoreKey(upstream, module, dtype, transforms, split, shard, extra)
 
     def path(self, key: str) -> str:
@@ -132,7 +133,7 @@ class FeatureStore:
         if module_digest(module) != key.module:
             raise StoreKeyMismatchError(key, "module (architecture or weights)", "a different module",
                                         "the module passed to store.key()")
-        if isinstance(data, StoreEntry) and data.key != key.upstream:
+        if isinstance(data, StoreEntry) and key.upstream not in (data.key, data.content_digest):
             raise StoreKeyMismatchError(key, "upstream entry", data.key, key.upstream)
         return key.dtype, key.shard
 

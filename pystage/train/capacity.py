@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pystage.layers import MaskedConv2d, MaskedLinear, grow_chain
 from pystage.staged import make_head
+from pystage.train import validate as check
 from pystage.train.config import TrainConfig
-from pystage.train.incremental import GrowthConfigError, GrowthReport
-from pystage.train.loop import make_optimizer
+from pystage.train.engine import Cursor, Engine, StepStats
+from pystage.train.errors import FitTypeError, GrowthConfigError
+from pystage.train.incremental import GrowthReport
 from pystage.train.peak import PeakMeter
 from pystage.train.progress import Progress
 from pystage.train.report import FitResult, StageReport
@@ -55,6 +56,10 @@ class CapacityConfig:
     loss: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("window", "patience", "min_batches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise GrowthConfigError(f"{name} must be an int, got {v!r}", name, v)
         if self.window < 1 or self.patience < 1 or self.min_batches < 0 or not 0.0 <= self.tolerance < 1.0:
             raise GrowthConfigError(f"need window >= 1, patience >= 1, min_batches >= 0, tolerance in [0, 1); got "
                                     f"window={self.window}, patience={self.patience}, "
@@ -159,85 +164,74 @@ def _width(layer: nn.Module) -> int:
 
 def fit_capacity(model: nn.Module, train: Dataset, val: Optional[Dataset], growth: Optional[CapacityConfig], *,
                  epochs: int, batch_size: int, device: torch.device, config: TrainConfig, seed: int = 0,
-                 head: str = "linear", progress: Optional[Progress] = None, **_: Any) -> FitResult:
+                 head: str = "linear", progress: Optional[Progress] = None, measure_memory: bool = False,
+                 **_: Any) -> FitResult:
     """Train ``model`` (an ``nn.Sequential``) growing its capacity on loss plateaus; see the module doc."""
     cfg = growth if growth is not None else CapacityConfig()
     if not isinstance(cfg, CapacityConfig):
-        raise TypeError(f"growth must be a CapacityConfig for method='capacity', got {type(cfg).__name__}")
+        raise FitTypeError("growth", type(cfg).__name__, "a CapacityConfig for method='capacity'",
+                           f"growth must be a CapacityConfig for method='capacity', got {type(cfg).__name__}")
     if not isinstance(model, nn.Sequential):
-        raise TypeError(f"method='capacity' grows an nn.Sequential, got {type(model).__name__}")
+        raise FitTypeError("model", type(model).__name__, "an nn.Sequential (method='capacity' grows one)")
     fractions = schedule(cfg.fractions)
     x0, y0 = train[0]
     regression = cfg.loss == "mse" or (cfg.loss == "auto" and torch.is_tensor(y0) and y0.is_floating_point())
-    with torch.no_grad():
-        out_shape = tuple(model(x0.unsqueeze(0)).shape[1:])
+    out_shape = tuple(check.check_model(model, x0).shape[1:])  # one forward of one sample through the whole model
     if len(out_shape) != 1 and not regression:  # a body without a classifier: add the head fit() would add
         classes = getattr(train, "num_classes", None) or getattr(model, "num_classes", None) or 10
         model = nn.Sequential(*model, *make_head(out_shape, classes, head))
+        out_shape = (classes,)
+    if not regression:
+        check.check_labels(train, "train", out_shape[0])
+        check.check_labels(val, "val", out_shape[0])
     net, chain = masked_chain(model, fractions)
     net = net.to(device)
     steps = [units_per_step(_width(m), fractions) for m in chain]  # (layers, steps)
     report = GrowthReport("capacity", epochs, batch_size, str(device), PeakMeter(device).source)
+    engine = Engine(net, config, device, stage=f"1-{len(net)}", loss="mse" if regression else "ce",
+                    progress=progress, desc="capacity")
     t0 = time.perf_counter()
     with PeakMeter(device) as meter:
-        train_loss, step = _train(net, chain, steps, cfg, regression, train, epochs, batch_size, device, config, seed,
-                                  report.history)
-    val_metric = _evaluate(net, val, batch_size, device, regression)
+        stats, step = _train(engine, chain, steps, cfg, DatasetSource(train, batch_size, seed), epochs,
+                             report.history, measure_memory)
+    val_metric = engine.evaluate(DatasetSource(val, batch_size, shuffle=False) if val is not None else None)
+    measured = stats.measured_peak
     report.stages.append(StageReport(stage=1, layers=f"1-{len(net)}", seconds=time.perf_counter() - t0,
-                                     peak_mem_mib=meter.peak_mib, train_acc=None,
+                                     peak_mem_mib=meter.peak_mib, train_acc=None if regression else stats.accuracy,
                                      val_acc=None if regression else val_metric, lr=config.lr,
-                                     weight_decay=config.weight_decay))
-    report.history.append({"event": "end", "fraction": fractions[step], "train_loss": train_loss,
+                                     weight_decay=config.weight_decay,
+                                     measured_peak_mib=None if measured is None else measured / 2**20))
+    report.history.append({"event": "end", "fraction": fractions[step], "train_loss": stats.loss,
                            ("val_mse" if regression else "val_acc"): val_metric})
     report.wall_s = time.perf_counter() - t0
     return FitResult(net.eval(), report)
 
 
-def _train(net: nn.Sequential, chain: list[nn.Module], steps: list[list[int]], cfg: CapacityConfig, regression: bool,
-           train: Dataset, epochs: int, batch_size: int, device: torch.device, config: TrainConfig, seed: int,
-           history: list[dict]) -> tuple[float, int]:
+def _train(engine: Engine, chain: list[nn.Module], steps: list[list[int]], cfg: CapacityConfig,
+           src: DatasetSource, epochs: int, history: list[dict], measure: bool) -> tuple[StepStats, int]:
+    """Every epoch through the engine; after each step the plateau watch may grow the chain (a new optimizer)."""
     fractions = schedule(cfg.fractions)
-    optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], config)
-    detector, step, since_growth, batch = PlateauDetector(cfg.window, cfg.patience, cfg.tolerance), 0, 0, 0
-    src = DatasetSource(train, batch_size, seed, device=device)
-    loss_sum = seen = 0.0
-    for epoch in range(epochs):
-        net.train()
-        loss_sum = seen = 0.0
-        for x, y in src.batches(epoch):
-            out = net(x)  # (B, K) or the regression target's shape
-            loss = F.mse_loss(out.reshape(y.shape), y) if regression else F.cross_entropy(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            batch, since_growth = batch + 1, since_growth + 1
-            loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
-            plateau = detector.update(loss.item())
-            if plateau and since_growth >= cfg.min_batches and step + 1 < len(fractions):
-                step, avg = step + 1, detector.average
-                grow_chain(chain, [s[step] for s in steps])  # old units frozen: buffers, no gradient work
-                optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], config)
-                detector.reset()
-                since_growth = 0
-                history.append({"event": "grow", "epoch": epoch, "batch": batch, "fraction": fractions[step],
-                                "loss_avg": avg})
-                log.info("capacity: grew to fraction %.2f at batch %d (epoch %d)", fractions[step], batch, epoch)
-        history.append({"event": "epoch", "epoch": epoch + 1, "batch": batch, "fraction": fractions[step],
-                        "train_loss": loss_sum / max(seen, 1)})
-    return loss_sum / max(seen, 1), step
+    detector = PlateauDetector(cfg.window, cfg.patience, cfg.tolerance)
+    state = {"step": 0, "since": 0}
 
+    def watch(loss: Tensor, cursor: Cursor) -> None:  # the method's criterion reads each batch's loss on the host
+        state["since"] += 1
+        plateau = detector.update(float(loss))
+        if plateau and state["since"] >= cfg.min_batches and state["step"] + 1 < len(fractions):
+            state["step"] += 1
+            grow_chain(chain, [s[state["step"]] for s in steps])  # old units frozen: buffers, no gradient work
+            engine.new_optimizer()
+            avg = detector.average
+            detector.reset()
+            state["since"] = 0
+            history.append({"event": "grow", "epoch": cursor.epoch, "batch": cursor.steps,
+                            "fraction": fractions[state["step"]], "loss_avg": avg})
+            log.info("capacity: grew to fraction %.2f at batch %d (epoch %d)", fractions[state["step"]],
+                     cursor.steps, cursor.epoch)
 
-@torch.no_grad()
-def _evaluate(net: nn.Module, data: Optional[Dataset], batch_size: int, device: torch.device,
-              regression: bool) -> Optional[float]:
-    """Validation MSE (regression) or accuracy (classes); None without data."""
-    if data is None:
-        return None
-    net.eval()
-    total = seen = 0.0
-    for x, y in DatasetSource(data, batch_size, shuffle=False, device=device).batches(0):
-        out: Tensor = net(x)
-        total += float(F.mse_loss(out.reshape(y.shape), y, reduction="sum")) if regression else \
-            int((out.argmax(1) == y).sum())
-        seen += y.numel() if regression else len(y)
-    return total / seen if seen else None
+    cursor, stats = Cursor(), StepStats()
+    while cursor.epoch < epochs:
+        stats = engine.run(src, None, cursor, measure_at=1 if measure else -1, on_step=watch)
+        history.append({"event": "epoch", "epoch": cursor.epoch, "batch": cursor.steps,
+                        "fraction": fractions[state["step"]], "train_loss": stats.loss})
+    return stats, state["step"]

@@ -7,21 +7,28 @@ for a fraction of the epochs, keeps the better half (by validation accuracy),
 and continues the survivors until the last one has trained all epochs. Every
 trial of a stage reads the same batch source (for ``partial``: the same stored
 features of the stage before).
+
+Memory: the trials share the stage's one module and train one at a time through
+its ``Engine``, so the device holds one trial's weights, gradients and optimizer
+state, exactly what a stage without a search holds (what the planner plans for).
+A paused trial's weights and optimizer state wait in host memory until its next
+rung; a pruned trial's are dropped. A trial whose loss or weights become
+non-finite (a diverging draw) is ranked last and never continues; if every trial
+fails, the stage stops with the first failure.
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Any, Optional
 
-from torch import nn
+import torch
 
-from pystage.train.config import TrainConfig
-from pystage.train.loop import Cursor, StepStats, evaluate, make_optimizer, train_steps
-from pystage.train.progress import Progress
-from pystage.train.sources import BatchSource
+from pystage.optim import TrainConfig
+from pystage.train.engine import Cursor, Engine, StepStats
+from pystage.train.errors import FitArgumentError, NonFiniteError
+from pystage.train.sources import BatchSource, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -37,9 +44,19 @@ class SearchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.draws < 0 or self.eta < 2 or self.sigma < 0:
-            raise ValueError(f"need draws >= 0, eta >= 2, sigma >= 0; got draws={self.draws}, eta={self.eta}, "
-                             f"sigma={self.sigma}")
+        _check("draws", self.draws, int, lambda v: v >= 0, "an int >= 0")
+        _check("eta", self.eta, int, lambda v: v >= 2, "an int >= 2")
+        _check("seed", self.seed, int, lambda v: True, "an int")
+        _check("lr", self.lr, (int, float), lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+        _check("weight_decay", self.weight_decay, (int, float), lambda v: math.isfinite(v) and v >= 0,
+               "a finite number >= 0")
+        _check("sigma", self.sigma, (int, float), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+        _check("halving", self.halving, bool, lambda v: True, "True or False")
+
+
+def _check(name: str, value: Any, types: Any, ok: Any, expected: str) -> None:
+    if isinstance(value, bool) and types is not bool or not isinstance(value, types) or not ok(value):
+        raise FitArgumentError(f"SearchConfig.{name}", value, expected)
 
 
 def draw_configs(search: SearchConfig, base: TrainConfig, salt: str = "") -> list[TrainConfig]:
@@ -54,17 +71,27 @@ def draw_configs(search: SearchConfig, base: TrainConfig, salt: str = "") -> lis
 
 @dataclass
 class Trial:
+    """One configuration's progress; ``state`` (host memory) holds its weights and optimizer between rungs."""
+
     config: TrainConfig
-    net: nn.Module
     cursor: Cursor = field(default_factory=Cursor)
     stats: StepStats = field(default_factory=StepStats)
     val_acc: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        self.optimizer = make_optimizer([p for p in self.net.parameters() if p.requires_grad], self.config)
+    state: Optional[dict[str, Any]] = None
+    failed: Optional[NonFiniteError] = None
 
     def score(self) -> float:
-        return self.val_acc if self.val_acc is not None else self.stats.accuracy
+        if self.failed is not None:
+            return -math.inf
+        s = self.val_acc if self.val_acc is not None else self.stats.accuracy
+        return s if s == s else -1.0  # NaN (no batches seen) ranks below every real score
+
+    def summary(self) -> dict[str, Any]:
+        out = {"lr": self.config.lr, "weight_decay": self.config.weight_decay, "steps": self.cursor.steps,
+               "val_acc": self.val_acc, "train_acc": self.stats.accuracy}
+        if self.failed is not None:
+            out["error"] = str(self.failed)
+        return out
 
 
 def rung_budgets(n_trials: int, total_steps: int, eta: int) -> list[tuple[int, int]]:
@@ -80,33 +107,68 @@ def rung_budgets(n_trials: int, total_steps: int, eta: int) -> list[tuple[int, i
     return out
 
 
-def run_search(make_net: Callable[[], nn.Module], configs: list[TrainConfig], source: BatchSource,
-               val_source: Optional[BatchSource], epochs: int, steps_per_epoch: int, halving: bool, eta: int,
-               progress: Progress, desc: str = "", measure: bool = False) -> tuple[Trial, list[dict]]:
-    """Train the trials (successive halving if asked); returns the best trial and a summary of every trial."""
-    trials = [Trial(c, make_net()) for c in configs]
-    total = epochs * steps_per_epoch
+def run_search(engine: Engine, configs: list[TrainConfig], source: BatchSource, val_source: Optional[BatchSource],
+               epochs: int, halving: bool, eta: int, measure: bool = False) -> tuple[Trial, list[dict]]:
+    """Train the trials (successive halving if asked) one at a time in ``engine``'s module; returns the best
+    trial, whose weights the module holds on return, and a summary of every trial."""
+    start = _host_copy(engine.module.state_dict())
+    trials = [Trial(c) for c in configs]
+    total = epochs * steps_per_epoch(source)
     budgets = rung_budgets(len(trials), total, eta) if halving and len(trials) > 1 else [(total, 1)]
-    alive, summary = list(trials), {}
+    alive, holder = list(trials), None  # holder: the trial whose weights the module holds now
     for reach, keep in budgets:
-        for i, t in enumerate(alive):
-            first = t.cursor.steps == 0 and t is trials[0]
-            measured = t.stats.measured_peak
-            t.stats = train_steps(t.net, t.optimizer, source, reach - t.cursor.steps, t.cursor, progress,
-                                  desc=f"{desc} trial {trials.index(t) + 1}/{len(trials)}",
-                                  measure_at=1 if first and measure else -1)
-            t.stats.measured_peak = t.stats.measured_peak or measured
-            t.val_acc = evaluate(t.net, val_source)
-            summary[id(t)] = {"lr": t.config.lr, "weight_decay": t.config.weight_decay, "steps": t.cursor.steps,
-                              "val_acc": t.val_acc, "train_acc": t.stats.accuracy}
-        alive.sort(key=lambda t: -_finite(t.score()))
+        for t in alive:
+            if t.failed is None:
+                _resume(engine, t, start, holder)
+                holder = t
+                _train(engine, t, reach, source, val_source, measure and t is trials[0])
+                t.state = _save(engine) if len(alive) > 1 else None
+        alive.sort(key=lambda t: -t.score())
+        for t in alive[keep:]:
+            t.state = None  # pruned: its memory is freed
         alive = alive[:keep]
-    return alive[0], [summary[id(t)] for t in trials]
+    best = alive[0]
+    if best.failed is not None:
+        raise next(t.failed for t in trials if t.failed is not None)
+    if holder is not best:
+        _resume(engine, best, start, holder)
+    best.state = None
+    return best, [t.summary() for t in trials]
 
 
-def _finite(x: float) -> float:
-    return x if x == x else -1.0  # NaN (no batches seen) ranks last
+def _train(engine: Engine, t: Trial, reach: int, source: BatchSource, val: Optional[BatchSource],
+           measure: bool) -> None:
+    measured = t.stats.measured_peak
+    try:
+        t.stats = engine.run(source, reach - t.cursor.steps, t.cursor, measure_at=1 if measure else -1)
+        t.val_acc = engine.evaluate(val)
+    except NonFiniteError as e:
+        t.failed, t.val_acc = e, None
+    t.stats.measured_peak = t.stats.measured_peak or measured
 
 
-def clone(net: nn.Module) -> nn.Module:
-    return copy.deepcopy(net)
+def _resume(engine: Engine, t: Trial, start: dict[str, Any], holder: Optional[Trial]) -> None:
+    """Put ``t``'s weights (or the start point) into the module and give the engine ``t``'s optimizer."""
+    if holder is t:  # it trained last: the module and the engine's optimizer are its own
+        return
+    if t.state is None:
+        engine.module.load_state_dict(start)
+        engine.new_optimizer(t.config)
+    else:
+        engine.module.load_state_dict(t.state["model"])
+        engine.new_optimizer(t.config, t.state["optimizer"])
+
+
+def _save(engine: Engine) -> dict[str, Any]:
+    return {"model": _host_copy(engine.module.state_dict()), "optimizer": _host_copy(engine.optimizer.state_dict())}
+
+
+def _host_copy(obj: Any) -> Any:
+    """``obj`` with every tensor copied to host memory (nested dicts and lists)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj

@@ -1,19 +1,52 @@
-"""Where a stage's training batches come from: raw data, the feature store, or the frozen prefix recomputed."""
+"""Where a stage's training batches come from: raw data, the feature store, or the frozen prefix recomputed.
+
+Every source yields the single-process batches of an epoch: global batch ``i`` is rows
+``order[i*B:(i+1)*B]`` of the epoch's order (``DatasetSource``: ``randperm`` seeded by ``(seed, epoch)``;
+``StoreSource``: the stream order of one unsharded entry, ``pystage.store.order.epoch_order``). With
+``part=(rank, size)`` (data-parallel) a source yields rank ``rank``'s contiguous part
+``[rank*n//size, (rank+1)*n//size)`` of each global batch of ``n`` rows, so the union over ranks of step ``i``
+is the single process's step ``i``; every rank yields as many batches (a part may be empty).
+``global_rows(i)`` is the size of global batch ``i``: every rank knows it without communicating.
+
+Batches come on the CPU (or already on the device: the store's own pinned, non-blocking copies);
+``Feed`` (feed.py) moves them and casts stored fp16/bf16 features on the device.
+"""
 from __future__ import annotations
 
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
 
 Batch = tuple[Tensor, Tensor]  # (x, y)
+Part = tuple[int, int]  # (rank, size)
 
 
 class BatchSource(Protocol):
-    rows: int
+    rows: int  # rows of one epoch (all ranks together)
+    batch_size: int  # global batch size
+    split_by_rank: bool  # yields this rank's part of each global batch
 
     def batches(self, epoch: int) -> Iterator[Batch]: ...
+
+
+def steps_per_epoch(source: BatchSource) -> int:
+    return -(-source.rows // source.batch_size)
+
+
+def global_rows(source: BatchSource, batch: int) -> int:
+    """Rows of global batch ``batch`` (every batch is full but the last)."""
+    return min(source.batch_size, source.rows - batch * source.batch_size)
+
+
+def rank_parts(order: Any, batch_size: int, rank: int, size: int) -> Iterator[Any]:
+    """This rank's contiguous part of each global batch of ``order``."""
+    for i in range(0, len(order), batch_size):
+        g = order[i:i + batch_size]
+        yield g[rank * len(g) // size:(rank + 1) * len(g) // size]
 
 
 def _seed(seed: int, epoch: int) -> int:
@@ -21,56 +54,76 @@ def _seed(seed: int, epoch: int) -> int:
 
 
 class DatasetSource:
-    """Shuffled batches of a dataset; a dataset holding tensors (``.tensors``) is sliced directly, others use a DataLoader."""
+    """Shuffled batches of a dataset: tensors (``.tensors``) are sliced directly, other datasets read row by row."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 device: Optional[torch.device] = None, num_workers: int = 0) -> None:
-        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
-        self.device, self.num_workers = device, num_workers
+                 part: Part = (0, 1)) -> None:
+        self.dataset, self.batch_size, self.seed, self.shuffle, self.part = dataset, batch_size, seed, shuffle, part
         self.rows = len(dataset)  # type: ignore[arg-type]
+        self.split_by_rank = part[1] > 1
+
+    def order(self, epoch: int) -> Tensor:
+        gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        return torch.randperm(self.rows, generator=gen) if self.shuffle else torch.arange(self.rows)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        parts = list(rank_parts(self.order(epoch), self.batch_size, *self.part))
         tensors = getattr(self.dataset, "tensors", None)
         if tensors is not None and len(tensors) == 2:
-            order = torch.randperm(self.rows, generator=gen) if self.shuffle else torch.arange(self.rows)
-            for i in range(0, self.rows, self.batch_size):
-                idx = order[i:i + self.batch_size]
-                yield self._to(tensors[0][idx]), self._to(tensors[1][idx])
+            for idx in parts:
+                yield tensors[0][idx], tensors[1][idx]
             return
-        loader = DataLoader(self.dataset, self.batch_size, shuffle=self.shuffle, generator=gen,
-                            num_workers=self.num_workers)
-        for x, y in loader:
-            yield self._to(x), self._to(y)
+        many = getattr(self.dataset, "__getitems__", None)  # one call per batch where the dataset offers it
+        for idx in parts:
+            if not len(idx):
+                yield self._empty()
+                continue
+            rows = idx.tolist()
+            yield default_collate(many(rows) if many else [self.dataset[i] for i in rows])
 
-    def _to(self, t: Tensor) -> Tensor:
-        return t if self.device is None else t.to(self.device, non_blocking=True)
+    def _empty(self) -> Batch:
+        """An empty part of a global batch smaller than the world."""
+        x0, y0 = default_collate([self.dataset[0]])
+        return x0[:0], y0[:0]
 
 
 class StoreSource:
-    """Batches streamed from a feature-store entry (stored outputs of the stage before)."""
+    """Batches of stored features: one ``StoreEntry`` (streamed: windows, prefetch, checksums verified as read), or
+    the shards of one split (a ``ShardSet``) read in the order one unsharded entry would be streamed."""
 
-    def __init__(self, entry, batch_size: int, seed: int = 0, shuffle: bool = True,
+    def __init__(self, data: Any, batch_size: int, seed: int = 0, shuffle: bool = True, part: Part = (0, 1),
                  device: Optional[torch.device] = None) -> None:
-        self.entry, self.batch_size, self.seed, self.shuffle, self.device = entry, batch_size, seed, shuffle, device
-        self.rows = entry.num_rows
+        self.data, self.batch_size, self.seed, self.shuffle, self.part = data, batch_size, seed, shuffle, part
+        self.device = device  # an entry's stream copies to it from its pinned windows (non-blocking)
+        self.rows = data.num_rows
+        self.split_by_rank = part[1] > 1
+        self.sharded = not hasattr(data, "stream")
+        if self.split_by_rank and not self.sharded:
+            raise ValueError("a StoreSource split by rank reads a ShardSet, got one entry")
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        for x, y in self.entry.stream(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=epoch,
-                                      device=self.device):
-            yield x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, y
+        if not self.sharded:
+            yield from self.data.stream(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=epoch,
+                                        device=self.device, check=True)
+            return
+        from pystage.store.order import epoch_order, global_meta
+
+        meta = global_meta(self.data.meta, self.rows)
+        order = epoch_order(meta, self.data.ram_budget, self.batch_size, self.shuffle, self.seed, epoch)
+        for idx in rank_parts(order, self.batch_size, *self.part):
+            yield self.data.rows(np.asarray(idx))
 
 
 class PrefixSource:
     """Batches of ``inner`` pushed through frozen ``prefix`` modules every time (the paper's recompute)."""
 
-    def __init__(self, inner: BatchSource, prefix: Sequence[nn.Module]) -> None:
-        self.inner, self.prefix = inner, list(prefix)
-        self.rows = inner.rows
-        self.split_by_rank = getattr(inner, "split_by_rank", False)  # distributed: inner yields this rank's part
+    def __init__(self, inner: BatchSource, prefix: Sequence[nn.Module], feed: Any) -> None:
+        self.inner, self.prefix, self.feed = inner, list(prefix), feed
+        self.rows, self.batch_size, self.split_by_rank = inner.rows, inner.batch_size, inner.split_by_rank
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         for x, y in self.inner.batches(epoch):
+            x, y = self.feed(x, y)
             with torch.no_grad():
                 for module in self.prefix:
                     x = module(x)
