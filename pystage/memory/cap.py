@@ -12,9 +12,11 @@ stage whose blocks fragment its segments can fail below its allocated-byte budge
 of what the process holds when the stage starts (the CUDA context, cuBLAS workspaces, earlier stages'
 weights): those are not the stage's, and the planner does not count them either.
 
-After the block: ``peak_mib`` (``max_memory_allocated``), ``reserved_mib`` (``max_memory_reserved``) and
-``planned_mib`` (the planner's figure for the stage), all relative to nothing: absolute for the process.
-On a CPU device, or without a budget, the block is not capped and only the figures it can have are set.
+After the block, on CUDA: ``used_mib`` (``max_memory_allocated`` above what was allocated when the block
+started: what the budget bounds, the quantity the planner predicts) and ``reserved_mib``
+(``max_memory_reserved`` above the reserved memory at the start), beside ``planned_mib`` (the planner's
+figure for the stage). On a CPU device, or without a budget, the block is not capped; on CPU only
+``planned_mib`` is set.
 """
 from __future__ import annotations
 
@@ -36,9 +38,10 @@ class StageCap:
             raise ValueError(f"budget must be a positive number of bytes or None, got {budget}")
         self.budget, self.planned = budget, planned
         self.limit: Optional[int] = None  # bytes the allocator may hold inside the block (CUDA with a budget)
-        self.peak_mib: Optional[float] = None
+        self.used_mib: Optional[float] = None
         self.reserved_mib: Optional[float] = None
         self._previous: Optional[float] = None
+        self._base = (0, 0)  # allocated, reserved when the block started
 
     @classmethod
     def for_stage(cls, device: torch.device | str, plan: Any, k: int) -> "StageCap":
@@ -68,6 +71,7 @@ class StageCap:
             self._previous = get(self.device) if get is not None else 1.0
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.limit / total), self.device)
             log.debug("CUDA allocator capped at %.1f MiB (budget %.1f MiB)", self.limit / MIB, self.budget / MIB)
+        self._base = (torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
@@ -75,8 +79,8 @@ class StageCap:
         if not self.active:
             return
         torch.cuda.synchronize(self.device)
-        self.peak_mib = torch.cuda.max_memory_allocated(self.device) / MIB
-        self.reserved_mib = torch.cuda.max_memory_reserved(self.device) / MIB
+        self.used_mib = (torch.cuda.max_memory_allocated(self.device) - self._base[0]) / MIB
+        self.reserved_mib = (torch.cuda.max_memory_reserved(self.device) - self._base[1]) / MIB
         if self._previous is not None:
             torch.cuda.set_per_process_memory_fraction(self._previous, self.device)
             self._previous = None
