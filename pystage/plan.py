@@ -12,6 +12,7 @@ them, so their output is not a finished feature). Override with ``split_after``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -111,22 +112,43 @@ def plan_profile(prof: MemoryProfile, memory_budget: Bytes, *, dataset_rows: Opt
     disk_cap = None if disk_budget is None else parse_bytes(disk_budget, "disk_budget")
     if disk_cap is not None and dataset_rows is None:
         raise ValueError("disk_budget needs dataset_rows (the number of rows the feature store will hold)")
-    itemsize = (store_dtype or prof.dtype).itemsize
-    row = {k: prof.shapes[k].numel() * itemsize for k in range(len(prof.shapes))}
-    disk = (lambda k: row[k] * dataset_rows) if dataset_rows is not None else None
+    disk = _disk(prof, dataset_rows, store_dtype)
     nodes = boundaries(prof.model, split_after)
     found = choose_splits(nodes, prof.stage_peak, budget, disk, disk_cap, prof.lower_bound)
     if found is None:
         raise _error(prof, nodes, budget, disk, disk_cap)
-    splits, _, store = found
+    result = plan_with_splits(prof, found[0], budget, dataset_rows=dataset_rows, store_dtype=store_dtype)
+    result = dataclasses.replace(result, disk_budget=disk_cap)
+    logger.info("%s", result)
+    return result
+
+
+def plan_with_splits(prof: MemoryProfile, split_points: Sequence[int], memory_budget: Bytes, *,
+                     dataset_rows: Optional[int] = None, store_dtype: Optional[torch.dtype] = None) -> Plan:
+    """The plan with the given ``split_points`` and its predicted peaks, whether or not it fits the budget."""
+    budget = parse_bytes(memory_budget, "memory_budget")
+    splits = tuple(int(p) for p in split_points)
+    if list(splits) != sorted(set(splits)) or any(not 0 < p < len(prof.model) for p in splits):
+        raise ValueError(f"split_points must be increasing layer indices in [1, {len(prof.model) - 1}], got "
+                         f"{list(split_points)}")
+    disk = _disk(prof, dataset_rows, store_dtype)
+    row = [prof.shapes[k].numel() * (store_dtype or prof.dtype).itemsize for k in range(len(prof.shapes))]
     bounds = (0, *splits, len(prof.model))
     stages = tuple(PlanStage(a, b, tuple(prof.layers[k].name for k in range(a, b)), prof.stage_peak(a, b),
                              tuple(prof.shapes[b]), disk(b) if disk and b < len(prof.model) else None)
                    for a, b in zip(bounds, bounds[1:]))
-    result = Plan(tuple(splits), stages, budget, prof.batch_size, prof.total().peak, tuple(row[k] for k in splits),
-                  store if dataset_rows is not None else None, disk_cap, prof.source, str(prof.device), prof)
-    logger.info("%s", result)
-    return result
+    store = sum(disk(k) for k in splits) if disk else None
+    return Plan(splits, stages, budget, prof.batch_size, prof.total().peak, tuple(row[k] for k in splits), store,
+                None, prof.source, str(prof.device), prof)
+
+
+def _disk(prof: MemoryProfile, dataset_rows: Optional[int],
+          store_dtype: Optional[torch.dtype]) -> Optional[Callable[[int], int]]:
+    """Feature-store bytes of a split at layer k (``dataset_rows`` rows), or None without ``dataset_rows``."""
+    if dataset_rows is None:
+        return None
+    itemsize = (store_dtype or prof.dtype).itemsize
+    return lambda k: prof.shapes[k].numel() * itemsize * dataset_rows
 
 
 def _error(prof: MemoryProfile, nodes: list[int], budget: int, disk: Optional[Callable[[int], int]],

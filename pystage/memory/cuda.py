@@ -57,7 +57,7 @@ class CudaTarget:
     """The CUDA device an estimate is for: what sets the sizes of the hidden terms."""
 
     capability: tuple[int, int] = DEFAULT_CAPABILITY
-    name: str = "sm_90 (assumed: no GPU here)"
+    name: str = "no GPU here: an sm_90 GPU (H100/H200) assumed"
     cublas_workspace: int = field(default=-1)  # -1: from capability and the environment, as PyTorch does
     cublaslt_workspace: int = field(default=-1)
     workspaces: ConvWorkspaces = field(default_factory=ConvWorkspaces)
