@@ -111,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": pl.batch_size, "optimizer": args.optimizer, "head": args.head,
         "budget_mib": mib(parse_bytes(args.budget)), "split_points": list(pl.split_points), "stages": rows,
         "total_predicted_mib": total["predicted_mib"], "total_measured_mib": total.get("measured_mib"),
+        "end_to_end": total,
         "store_bytes": pl.store_bytes, "verified": bool(args.verify)})
     return 0
