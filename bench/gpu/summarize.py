@@ -37,11 +37,11 @@ def plan(out: Path, name: str) -> list[str]:
     errs = [r["error_pct"] for r in rows if r.get("error_pct") is not None]
     head = (f"{d.get('model')} batch {d.get('batch_size')}, budget {_fmt(d.get('budget_mib'))} MiB, split points "
             f"{d.get('split_points')}; |error| max {_fmt(max(map(abs, errs)) if errs else None)}%")
-    lines = [head, "", "| stage | layers | predicted MiB | measured MiB | error % | predicted reserved | measured reserved |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r.get('stage')} | {r.get('layers')} | {_fmt(r.get('predicted_mib'))} | {_fmt(r.get('measured_mib'))} "
-              f"| {_fmt(r.get('error_pct'))} | {_fmt(r.get('reserved_mib'))} | {_fmt(r.get('measured_reserved_mib'))} |"
-              for r in rows]
+    lines = [head, "", "| stage | layers | predicted MiB | measured MiB | error % | predicted reserved | "
+             "measured reserved |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r.get('stage')} | {r.get('layers')} | {_fmt(r.get('predicted_mib'))} | "
+              f"{_fmt(r.get('measured_mib'))} | {_fmt(r.get('error_pct'))} | {_fmt(r.get('reserved_mib'))} | "
+              f"{_fmt(r.get('measured_reserved_mib'))} |" for r in rows]
     return lines
 
 
@@ -49,12 +49,13 @@ def train(out: Path, name: str) -> list[str]:
     d = _load(out, name)
     if d is None:
         return [f"{name}: missing"]
-    lines = ["| method | status/fits | wall s | peak MiB | predicted MiB | measured step MiB | budget MiB | val acc |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | status/fits | wall s | peak MiB | predicted MiB | measured step MiB | budget MiB | "
+             "val acc |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in d.get("runs", []):
         lines.append(f"| {r.get('method')} | {r.get('status', r.get('fits', '-'))} | {_fmt(r.get('wall_s'))} | "
                      f"{_fmt(r.get('peak_mem_mib'))} | {_fmt(r.get('predicted_peak_mib'))} | "
-                     f"{_fmt(r.get('measured_peak_mib'))} | {_fmt(r.get('budget_mib'))} | {_fmt(r.get('val_acc'), '.3f')} |")
+                     f"{_fmt(r.get('measured_peak_mib'))} | {_fmt(r.get('budget_mib'))} | "
+                     f"{_fmt(r.get('val_acc'), '.3f')} |")
     return lines
 
 
@@ -64,8 +65,9 @@ def layers(out: Path, name: str) -> list[str]:
         return [f"{name}: missing"]
     lines = ["| case | trainable | speedup | ideal | forward overhead |", "| --- | --- | --- | --- | --- |"]
     for r in d.get("results", []):
-        lines.append(f"| {r.get('case')} | {_fmt(r.get('trainable_fraction'), '.2f')} | {_fmt(r.get('speedup'), '.2f')} "
-                     f"| {_fmt(r.get('ideal_speedup'), '.2f')} | {_fmt(r.get('forward_overhead'), '.2f')} |")
+        lines.append(f"| {r.get('case')} | {_fmt(r.get('trainable_fraction'), '.2f')} | "
+                     f"{_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('ideal_speedup'), '.2f')} | "
+                     f"{_fmt(r.get('forward_overhead'), '.2f')} |")
     return lines
 
 

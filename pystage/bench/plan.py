@@ -101,9 +101,11 @@ def run(args: argparse.Namespace) -> int:
                               "cublas_workspace": target.cublas_workspace, "cudnn_workspaces": ws}
         print(f"\nCUDA estimate ({target.name}, sm_{target.capability[0]}{target.capability[1]}; cuDNN workspaces "
               f"{ws}); stages starting at layer 0 pay the one-off cuBLAS workspaces (once_mib):")
-        print(format_table(rows, [c for c in CUDA_COLUMNS if args.verify or "measured" not in c and c != "error_pct"]))
+        shown = [c for c in CUDA_COLUMNS if args.verify or ("measured" not in c and c != "error_pct")]
+        print(format_table(rows, shown))
     elif args.verify:
-        print(f"\npredicted (meta estimate) vs measured (live-tensor accounting on real tensors), batch {pl.batch_size}:")
+        print(f"\npredicted (meta estimate) vs measured (live-tensor accounting on real tensors), "
+              f"batch {pl.batch_size}:")
         print(format_table(rows, COLUMNS))
     total = rows.pop()
     write_json(args.json, {

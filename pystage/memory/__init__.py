@@ -9,4 +9,5 @@ from pystage.memory.tracker import LiveBytes
 from pystage.memory.workspace import ConvWorkspaces
 
 __all__ = ["CachingAllocator", "ConvWorkspaces", "CudaTarget", "HeadFactory", "LayerMemory", "LiveBytes",
-           "MemoryProfile", "PeakRSS", "ProfileError", "StageCap", "StageMemory", "linear_head", "pooled_head", "profile"]
+           "MemoryProfile", "PeakRSS", "ProfileError", "StageCap", "StageMemory", "linear_head", "pooled_head",
+           "profile"]

@@ -115,19 +115,22 @@ def measure_cpu_step(stage: Stage, start: int, stop: int) -> StageMemory:
     return _from_tracker(tracker, start, stop, resident, "cpu", rss_peak=resident + rss.growth)
 
 
-def measure_cuda_step(build: Any, start: int, stop: int, device: torch.device, first: Optional[bool] = None) -> StageMemory:
+def measure_cuda_step(build: Any, start: int, stop: int, device: torch.device,
+                      first: Optional[bool] = None) -> StageMemory:
     """Peak of one real step on CUDA: ``max_memory_allocated`` minus what was allocated before the stage existed.
 
     ``build()`` must create the stage on ``device``; it is called here, after the baseline is read.
     ``first`` (default: ``start == 0``): the step runs as the first stage of a training run, which allocates
     the process's cuBLAS workspaces; otherwise they are allocated beforehand, as an earlier stage would have
-    (the same convention as the estimate). ``reserved``: the peak of ``memory_reserved`` during the step.
+    (the same convention as the estimate). ``reserved``: the peak of ``memory_reserved`` during the step above
+    what was reserved before it (after ``empty_cache``): the segments the stage added.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("measure_cuda_step needs CUDA, but torch.cuda.is_available() is False")
     cublas_workspaces(device, allocated=not (start == 0 if first is None else first))
+    torch.cuda.empty_cache()  # reserved growth is then the stage's own segments, as in the estimate's replay
     torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
+    before, reserved_before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     stage: Stage = build()
     torch.cuda.synchronize(device)
     resident = torch.cuda.memory_allocated(device) - before
@@ -138,7 +141,7 @@ def measure_cuda_step(build: Any, start: int, stop: int, device: torch.device, f
         torch.cuda.synchronize(device)
         if phases:
             phases[list(phases)[-1]] = torch.cuda.max_memory_allocated(device) - before
-            reserved[0] = max(reserved[0], torch.cuda.max_memory_reserved(device))
+            reserved[0] = max(reserved[0], torch.cuda.max_memory_reserved(device) - reserved_before)
         phases[name] = 0
         torch.cuda.reset_peak_memory_stats(device)
 
