@@ -12,6 +12,7 @@ them, so their output is not a finished feature). Override with ``split_after``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -21,6 +22,7 @@ from torch import nn
 
 from pystage.memory.profile import MemoryProfile, profile
 from pystage.memory.step import HeadFactory, linear_head
+from pystage.splits import Cost, choose_splits, min_feasible_budget
 from pystage.units import Bytes, format_bytes, parse_bytes
 
 logger = logging.getLogger(__name__)
@@ -97,67 +99,6 @@ class Plan:
         return "\n".join([head, *lines])
 
 
-Cost = Callable[[int, int], int]
-
-
-@dataclass(frozen=True)
-class _Label:
-    peak: int  # largest stage peak so far
-    disk: int  # store bytes so far
-    path: tuple[int, ...]  # boundaries visited, from 0
-
-
-def choose_splits(nodes: Sequence[int], cost: Cost, budget: int, disk: Optional[Callable[[int], int]] = None,
-                  disk_budget: Optional[int] = None) -> Optional[tuple[tuple[int, ...], int, int]]:
-    """The best split set over boundaries ``nodes`` (sorted, first = 0, last = len): (split points, peak, disk).
-
-    Minimises (number of stages, largest ``cost(a, b)``, sum of ``disk(split)``) subject to every
-    ``cost(a, b) <= budget`` and total disk <= ``disk_budget``; None when nothing is feasible. Exact:
-    per (stages, boundary) it keeps the Pareto front of (peak, disk) labels.
-    """
-    disk = disk or (lambda b: 0)
-    end = nodes[-1]
-    fronts: dict[int, list[_Label]] = {nodes[0]: [_Label(0, 0, (nodes[0],))]}
-    for _ in range(len(nodes) - 1):  # one more stage per round
-        nxt: dict[int, list[_Label]] = {}
-        for a, labels in fronts.items():
-            for b in (n for n in nodes if n > a):
-                c = cost(a, b)
-                if c > budget:
-                    continue
-                extra = disk(a) if a != nodes[0] else 0
-                for lab in labels:
-                    new = _Label(max(lab.peak, c), lab.disk + extra, lab.path + (b,))
-                    if disk_budget is None or new.disk <= disk_budget:
-                        nxt.setdefault(b, []).append(new)
-        fronts = {b: _pareto(ls) for b, ls in nxt.items()}
-        if end in fronts:
-            best = min(fronts[end], key=lambda lab: (lab.peak, lab.disk, lab.path))
-            return best.path[1:-1], best.peak, best.disk
-        fronts.pop(end, None)
-        if not fronts:
-            return None
-    return None
-
-
-def _pareto(labels: list[_Label]) -> list[_Label]:
-    """Labels not dominated in (peak, disk); ties keep the lexicographically smallest path."""
-    out: list[_Label] = []
-    for lab in sorted(labels, key=lambda lab: (lab.peak, lab.disk, lab.path)):
-        if not out or lab.disk < min(o.disk for o in out):
-            out.append(lab)
-    return out
-
-
-def min_feasible_budget(nodes: Sequence[int], cost: Cost) -> tuple[int, tuple[int, int]]:
-    """The smallest budget any split set fits (min over paths of the max stage cost), and its largest stage."""
-    best: dict[int, tuple[int, tuple[int, int]]] = {nodes[0]: (0, (0, 0))}
-    for b in nodes[1:]:
-        best[b] = min(((max(best[a][0], cost(a, b)), best[a][1] if best[a][0] >= cost(a, b) else (a, b))
-                       for a in nodes if a < b), key=lambda t: t[0])
-    return best[nodes[-1]]
-
-
 def boundaries(model: nn.Sequential, split_after: Callable[[nn.Module], bool] = default_split_after) -> list[int]:
     """0, every index k where a stage may start (``split_after(model[k - 1])``), len(model)."""
     return [0, *(k for k in range(1, len(model)) if split_after(model[k - 1])), len(model)]
@@ -171,29 +112,50 @@ def plan_profile(prof: MemoryProfile, memory_budget: Bytes, *, dataset_rows: Opt
     disk_cap = None if disk_budget is None else parse_bytes(disk_budget, "disk_budget")
     if disk_cap is not None and dataset_rows is None:
         raise ValueError("disk_budget needs dataset_rows (the number of rows the feature store will hold)")
-    itemsize = (store_dtype or prof.dtype).itemsize
-    row = {k: prof.shapes[k].numel() * itemsize for k in range(len(prof.shapes))}
-    disk = (lambda k: row[k] * dataset_rows) if dataset_rows is not None else None
+    disk = _disk(prof, dataset_rows, store_dtype)
     nodes = boundaries(prof.model, split_after)
-    found = choose_splits(nodes, prof.stage_peak, budget, disk, disk_cap)
+    found = choose_splits(nodes, prof.stage_peak, budget, disk, disk_cap, prof.lower_bound)
     if found is None:
         raise _error(prof, nodes, budget, disk, disk_cap)
-    splits, _, store = found
-    bounds = (0, *splits, len(prof.model))
-    stages = tuple(PlanStage(a, b, tuple(prof.layers[k].name for k in range(a, b)), prof.stage_peak(a, b),
-                             tuple(prof.shapes[b]), disk(b) if disk and b < len(prof.model) else None)
-                   for a, b in zip(bounds, bounds[1:]))
-    result = Plan(tuple(splits), stages, budget, prof.batch_size, prof.total().peak, tuple(row[k] for k in splits),
-                  store if dataset_rows is not None else None, disk_cap, prof.source, str(prof.device), prof)
+    result = plan_with_splits(prof, found[0], budget, dataset_rows=dataset_rows, store_dtype=store_dtype)
+    result = dataclasses.replace(result, disk_budget=disk_cap)
     logger.info("%s", result)
     return result
 
 
+def plan_with_splits(prof: MemoryProfile, split_points: Sequence[int], memory_budget: Bytes, *,
+                     dataset_rows: Optional[int] = None, store_dtype: Optional[torch.dtype] = None) -> Plan:
+    """The plan with the given ``split_points`` and its predicted peaks, whether or not it fits the budget."""
+    budget = parse_bytes(memory_budget, "memory_budget")
+    splits = tuple(int(p) for p in split_points)
+    if list(splits) != sorted(set(splits)) or any(not 0 < p < len(prof.model) for p in splits):
+        raise ValueError(f"split_points must be increasing layer indices in [1, {len(prof.model) - 1}], got "
+                         f"{list(split_points)}")
+    disk = _disk(prof, dataset_rows, store_dtype)
+    row = [prof.shapes[k].numel() * (store_dtype or prof.dtype).itemsize for k in range(len(prof.shapes))]
+    bounds = (0, *splits, len(prof.model))
+    stages = tuple(PlanStage(a, b, tuple(prof.layers[k].name for k in range(a, b)), prof.stage_peak(a, b),
+                             tuple(prof.shapes[b]), disk(b) if disk and b < len(prof.model) else None)
+                   for a, b in zip(bounds, bounds[1:]))
+    store = sum(disk(k) for k in splits) if disk else None
+    return Plan(splits, stages, budget, prof.batch_size, prof.total().peak, tuple(row[k] for k in splits), store,
+                None, prof.source, str(prof.device), prof)
+
+
+def _disk(prof: MemoryProfile, dataset_rows: Optional[int],
+          store_dtype: Optional[torch.dtype]) -> Optional[Callable[[int], int]]:
+    """Feature-store bytes of a split at layer k (``dataset_rows`` rows), or None without ``dataset_rows``."""
+    if dataset_rows is None:
+        return None
+    itemsize = (store_dtype or prof.dtype).itemsize
+    return lambda k: prof.shapes[k].numel() * itemsize * dataset_rows
+
+
 def _error(prof: MemoryProfile, nodes: list[int], budget: int, disk: Optional[Callable[[int], int]],
            disk_cap: Optional[int]) -> PlanError:
-    need, (a, b) = min_feasible_budget(nodes, prof.stage_peak)
+    need, (a, b) = min_feasible_budget(nodes, prof.stage_peak, prof.lower_bound)
     if need <= budget and disk is not None and disk_cap is not None:
-        found = choose_splits(nodes, prof.stage_peak, budget, disk, None)
+        found = choose_splits(nodes, prof.stage_peak, budget, disk, None, prof.lower_bound)
         assert found is not None
         min_disk = min(_min_disk(nodes, prof.stage_peak, budget, disk), found[2])
         return PlanError(f"no split fits the disk budget {format_bytes(disk_cap)}: the plans within the memory budget "
@@ -258,7 +220,7 @@ def max_batch_size(model: nn.Sequential, input_shape: Sequence[int], memory_budg
         return profiles[b]
 
     def fits(b: int) -> bool:
-        return min_feasible_budget(nodes, prof(b).stage_peak)[0] <= budget
+        return min_feasible_budget(nodes, prof(b).stage_peak, prof(b).lower_bound)[0] <= budget
 
     if not fits(1):
         raise _error(prof(1), nodes, budget, None, None)

@@ -85,6 +85,52 @@ def test_min_feasible_budget_against_brute_force(seed):
     assert choose_splits(nodes, lambda a, b: table[a, b], need - 1) is None
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_lower_bounds_change_which_stages_run_not_the_answer(seed):
+    rng = random.Random(200 + seed)
+    nodes = [0, *sorted(rng.sample(range(1, 12), rng.randint(0, 7))), 12]
+    table = {(a, b): rng.randint(1, 100) + 8 * (b - a) for a in nodes for b in nodes if a < b}
+    lower = {k: int(v * rng.random()) for k, v in table.items()}
+    row = {n: rng.randint(1, 50) for n in nodes}
+    budget, disk_budget = rng.randint(20, 120), rng.choice([None, rng.randint(0, 150)])
+    ran: list[tuple[int, int]] = []
+
+    def cost(a, b):
+        ran.append((a, b))
+        return table[a, b]
+
+    found = choose_splits(nodes, cost, budget, row.__getitem__, disk_budget, lambda a, b: lower[a, b])
+    assert found == choose_splits(nodes, lambda a, b: table[a, b], budget, row.__getitem__, disk_budget)
+    assert all(lower[k] <= budget for k in ran) and len(set(ran)) == len(ran)
+    need = min_feasible_budget(nodes, lambda a, b: table[a, b])
+    assert min_feasible_budget(nodes, lambda a, b: table[a, b], lambda a, b: lower[a, b])[0] == need[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_profile_lower_bound_is_below_every_stage_peak(device):
+    prof = profile(net(), SHAPE, BATCH, device=device)
+    nodes = boundaries(prof.model)
+    for a, b in itertools.combinations(nodes, 2):
+        lb = prof.lower_bound(a, b)
+        assert 0 < lb <= prof.stage_peak(a, b), (a, b)
+        assert all(lb <= prof.lower_bound(a, c) for c in nodes if c > b)  # grows with the stage
+
+
+def test_planner_runs_only_the_stages_that_may_fit():
+    models = pytest.importorskip("pystage.models")
+    model = models.get("plain-8-8", input_size=16)
+    prof = profile(model, (3, 16, 16), 8)
+    nodes = boundaries(model)
+    table = {(a, b): prof.stage_peak(a, b) for a, b in itertools.combinations(nodes, 2)}
+    full = lambda a, b: table[a, b]  # noqa: E731
+    budget = min_feasible_budget(nodes, full)[0] + (1 << 20)
+    fresh = profile(model, (3, 16, 16), 8)
+    p = plan_profile(fresh, budget)
+    assert (len(p.stages), p.max_peak) == brute_force(nodes, full, budget)[:2]
+    assert list(p.split_points) == list(choose_splits(nodes, full, budget)[0])  # the same plan
+    assert len(fresh._cache) < len(table) // 3  # most candidate stages never ran
+
+
 def test_boundaries_follow_the_split_rule():
     assert boundaries(net()) == [0, 3, 5, 6, 8, 10, 11]  # after ReLU / pool; never after a conv or BatchNorm
     assert boundaries(net(), lambda layer: isinstance(layer, nn.MaxPool2d)) == [0, 6, 11]

@@ -8,6 +8,7 @@ requiring grad (stage inputs are data or stored features).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -51,6 +52,13 @@ def optimizer_config(optimizer: "str | TrainConfig") -> TrainConfig:
         raise ValueError(f"optimizer must be a TrainConfig or one of {', '.join([*OPTIMIZERS, *PLANNER_OPTIMIZERS])}, "
                          f"got {optimizer!r}")
     return TrainConfig(optimizer=optimizer)
+
+
+def target_config(optimizer: "str | TrainConfig", device: torch.device) -> TrainConfig:
+    """``optimizer``'s config with ``foreach`` fixed to what torch picks on ``device`` (meta tensors would
+    otherwise get the for-loop implementation whatever the target runs)."""
+    cfg = optimizer_config(optimizer)
+    return dataclasses.replace(cfg, foreach=cfg.uses_foreach(device))
 
 
 def make_optimizer(optimizer: "str | TrainConfig", params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pystage import distributed
+from pystage.memory.cap import StageCap
 from pystage.staged import StagedNet
 from pystage.store import FeatureStore, StoreCorruptError, dataset_fingerprint, default_root
 from pystage.train import validate as check
@@ -213,7 +214,8 @@ class _Run:
                         search=asdict(self.search) if self.search else None, epochs=self.epochs,
                         batch_size=self.batch_size, seed=self.seed)
         layers = f"{unit[0] + 1}" if len(unit) == 1 else f"{unit[0] + 1}-{unit[-1] + 1}"
-        with PeakMeter(self.device) as meter:
+        cap = StageCap.for_stage(self.device, self.plan if self.method.per_stage else None, k)  # budget enforced on CUDA
+        with PeakMeter(self.device) as meter, cap:
             t = time.perf_counter()
             done = self.cache.load(key) if self.share else None
             if done is not None:
@@ -226,6 +228,7 @@ class _Run:
                 self.cache.discard(key, "progress")
             seconds = time.perf_counter() - t
         srep.peak_mem_mib = meter.peak_mib
+        srep.planned_mib, srep.used_mib, srep.reserved_mib = cap.planned_mib, cap.used_mib, cap.reserved_mib
         for p in body.parameters():
             p.requires_grad_(False)
         body.eval()

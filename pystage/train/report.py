@@ -25,6 +25,9 @@ class StageReport:
     store_seconds: float = 0.0
     search: list[dict] = field(default_factory=list)
     measured_peak_mib: Optional[float] = None  # live tensor bytes of one steady-state step (fit(measure_memory=...))
+    planned_mib: Optional[float] = None  # the planner's predicted step peak for this stage (under memory_budget)
+    used_mib: Optional[float] = None  # CUDA: max_memory_allocated above what the process held at the stage's start
+    reserved_mib: Optional[float] = None  # CUDA: peak memory_reserved above the start's (capped by the budget)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class FitReport:
         rows = [{**asdict(s), "val_acc": _pct(s.val_acc), "train_acc": _pct(s.train_acc)} for s in self.stages]
         cols = ["stage", "layers", "seconds", "peak_mem_mib", "train_acc", "val_acc", "lr", "weight_decay", "trials",
                 "cached", "store_bytes"]
+        cols[4:4] = [c for c in ("planned_mib", "used_mib", "reserved_mib") if any(r[c] is not None for r in rows)]
         head = (f"method={self.method} epochs={self.epochs} batch_size={self.batch_size} device={self.device} "
                 f"wall_s={self.wall_s:.2f} (peak memory: {self.peak_mem_source})")
         text = head + "\n" + format_table(rows, cols)
