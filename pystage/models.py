@@ -21,6 +21,8 @@ from typing import Callable, Optional, Sequence, Union
 
 from torch import nn
 
+from pystage.errors import PystageError
+
 logger = logging.getLogger(__name__)
 
 Factory = Callable[..., nn.Sequential]
@@ -43,7 +45,7 @@ _PLAIN = re.compile(r"plain-(\d+)-(\d+)")
 _PLAIN_PATTERN = "plain-<depth>-<width>"
 
 
-class ModelError(ValueError):
+class ModelError(PystageError, ValueError):
     """An unknown model name or an invalid model option; the message names the argument and the valid values."""
 
 
