@@ -114,7 +114,7 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, case):
 
 
 def test_verbose_user_error_adds_the_traceback(capsys):
-    assert main(["-v", "train", "--model", "nope"]) == 2
+    assert main(["train", "--model", "nope", "-v"]) == 2  # -v after the job works too
     err = capsys.readouterr().err
     assert "Traceback" in err and "ModelError" in err
     assert err.strip().splitlines()[-1].startswith("pystage-bench train: error: unknown model name 'nope'")

@@ -3,7 +3,9 @@ trained within that budget, beside what end-to-end training would need.
 
 Defaults: flat-14-16 (14 x conv3-16 + BatchNorm + ReLU at 16x16, then a pool; docs/models.md) on the built-in
 synthetic data at 3x16x16 (4000 training rows, 1000 validation rows), batch 50, 3 epochs, budget 5 MiB.
-Each run is its own process (pystage/bench/train_worker.py), one after the other:
+Each run is its own process (pystage/bench/train_worker.py); two run at a time, one torch thread each
+(``--parallel``, ``--threads``): on 2 cores that keeps both busy without intra-op threads, whose OpenMP
+spin-waits make these small convolutions crawl whenever another process wants a core.
 
 * ``total`` first takes two training steps on two batches with ``fit(method="total", measure_memory=True)``:
   what end-to-end training needs. Over the budget, it is reported as not fitting and trained no further;
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from pystage.bench.report import environment, format_table, print_environment, write_json
@@ -46,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(METHODS)} "
                    f"(default {DEFAULT_METHODS})")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; 0: torch's default)")
+    p.add_argument("--parallel", type=positive_int, default=2, help="runs at a time, each its own process "
+                   "(default 2; 1: one after the other)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the runs as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart of training memory (with the budget), wall "
@@ -59,14 +64,29 @@ def _spec(args: argparse.Namespace, method: str, **extra: Any) -> dict[str, Any]
             "device": args.device, "seed": args.seed, "threads": args.threads, "method": method, **extra}
 
 
-def _measure_total(args: argparse.Namespace, budget_mib: float) -> Optional[dict[str, Any]]:
-    """Two end-to-end steps to measure what total needs; None when it fits (then it trains in full)."""
-    print("  measuring total (two training steps) ...", flush=True)
+def _total(args: argparse.Namespace, budget_mib: float) -> dict[str, Any]:
+    """Two end-to-end steps measure what total needs; it trains in full only when that fits the budget."""
     probe = run_method(_spec(args, "total", epochs=1, max_rows=2 * args.batch_size, val_n=args.batch_size))
     if probe["measured_peak_mib"] <= budget_mib:
-        return None
+        return run_method(_spec(args, "total"))
     return {**probe, "status": "does not fit", "wall_s": None, "val_acc": None, "train_acc": None,
-            "probe_wall_s": probe["wall_s"], "stages": [], "split_points": []}
+            "probe_wall_s": probe["wall_s"], "epochs": 0, "stages": [], "split_points": []}
+
+
+def _run(args: argparse.Namespace, method: str, budget_mib: float) -> dict[str, Any]:
+    if method == "total":
+        return _total(args, budget_mib)
+    budget = int(budget_mib * 2**20) if method.startswith("partial") else None  # partial plans under it
+    return run_method(_spec(args, method, memory_budget=budget))
+
+
+def run_all(args: argparse.Namespace, methods: list[str], budget_mib: float) -> list[dict[str, Any]]:
+    """Every method's run, ``args.parallel`` at a time; returned in ``methods`` order."""
+    rank = {"partial": 0, "total": 1}  # partial is the longest (it plans, then trains); total's two steps are short
+    order = sorted(methods, key=lambda m: rank.get(m, 2))
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {m: pool.submit(_run, args, m, budget_mib) for m in order}
+        return [futures[m].result() for m in methods]
 
 
 def _row(run: dict[str, Any], budget_mib: float, plan: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -151,22 +171,16 @@ def run(args: argparse.Namespace) -> int:
     if budget_mib <= 0:
         raise UsageError(f"--budget must be > 0, got {args.budget!r}")
     train = check_inputs(args, ["total"], shape=[3, args.size, args.size])
-    env = environment(args.device)
+    env = {**environment(args.device), "threads": args.threads or "default", "runs_at_a_time": args.parallel}
     print_environment(env)
     shape = "x".join(str(d) for d in train.x.shape[1:])
     print(f"{args.model} on {args.data} data ({shape}, {args.n if args.data == 'synthetic' else len(train)} training "
           f"rows), batch {args.batch_size}, {args.epochs} epoch(s), memory budget {budget_mib:g} MiB")
-    runs, plan = [], None
-    for method in methods:
-        if method == "total":
-            probe = _measure_total(args, budget_mib)
-            if probe is not None:
-                runs.append(probe)
-                continue
-        print(f"  running {method} ...", flush=True)
-        budgeted = method.startswith("partial")
-        runs.append(run_method(_spec(args, method, memory_budget=parse_bytes(args.budget) if budgeted else None)))
-        plan = runs[-1].get("plan") or plan
+    threads = f"{args.threads} thread(s)" if args.threads else "torch's default threads"
+    print(f"  running {', '.join(methods)} ({args.parallel} at a time, {threads} each; total: two steps "
+          f"measure what it needs) ...", flush=True)
+    runs = run_all(args, methods, budget_mib)
+    plan = next((r["plan"] for r in runs if r.get("plan")), None)
     rows = [_row(r, budget_mib, plan) for r in runs]
     print(format_table([_cells(r) for r in rows], COLUMNS))
     print(memory_note(rows))
@@ -175,9 +189,11 @@ def run(args: argparse.Namespace) -> int:
     if plan is not None:
         print(plan["text"])
     job_s = time.perf_counter() - t0
-    print(f"job: {job_s:.1f} s")
+    cpu = ", ".join(f"{r['method']} {r['cpu_s']:.1f} s" for r in runs if r.get("cpu_s") is not None)
+    print(f"job: {job_s:.1f} s wall; CPU time of each run's process: {cpu}")
     payload = {"benchmark": "budget", "environment": env, "model": args.model, "data": args.data, "shape": shape,
-               "n": args.n, "val_n": args.val_n, "epochs": args.epochs, "batch_size": args.batch_size, "runs": rows,
+               "n": args.n, "val_n": args.val_n, "epochs": args.epochs, "batch_size": args.batch_size,
+               "threads_per_run": args.threads, "parallel": args.parallel, "runs": rows,
                "plan": None if plan is None else {k: val for k, val in plan.items() if k != "text"}, "job_s": job_s,
                **v}
     write_json(args.json, payload)

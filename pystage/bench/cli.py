@@ -50,11 +50,13 @@ def build_parser(job: Optional[str] = None) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    flags = [a for a in argv if a in ("-v", "--verbose")]  # accepted anywhere: "pystage-bench train -v" too
+    argv = [a for a in argv if a not in flags]
     job = next((a for a in argv if a in JOBS), None)
     if job is None and not any(a in ("-h", "--help") for a in argv):
         job = DEFAULT_JOB
-        flags = [a for a in argv if a in ("-v", "--verbose")]
-        argv = flags + [job] + [a for a in argv if a not in flags]
+        argv = [job] + argv
+    argv = flags + argv
     args = build_parser(job).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     module = importlib.import_module(JOBS[args.job][0])

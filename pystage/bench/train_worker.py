@@ -96,6 +96,11 @@ def training_memory(report: Any, device: str) -> tuple[float, float]:
     return measured, report.peak_mem_mib
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _figures(spec: dict[str, Any], wall: float, report: Any, result: Any, rss_before: float,
              rows: int) -> dict[str, Any]:
     measured, rss = training_memory(report, spec["device"])
@@ -111,6 +116,7 @@ def _figures(spec: dict[str, Any], wall: float, report: Any, result: Any, rss_be
                    for s in report.stages],
         "train_s": sum(s.seconds for s in report.stages),
         "train_rows": rows,
+        "cpu_s": _cpu_seconds(),  # this process so far (imports included): its wall time on an otherwise idle core
         "split_points": list(getattr(result.model, "split_points", []) or []),
         "replans": report.replans,
     }
