@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Optional
 
 from pystage.bench.report import environment, format_table, print_environment, write_json
@@ -64,28 +64,40 @@ def _spec(args: argparse.Namespace, method: str, **extra: Any) -> dict[str, Any]
             "device": args.device, "seed": args.seed, "threads": args.threads, "method": method, **extra}
 
 
-def _total(args: argparse.Namespace, budget_mib: float) -> dict[str, Any]:
+def _total(args: argparse.Namespace, budget_mib: float, running: set) -> dict[str, Any]:
     """Two end-to-end steps measure what total needs; it trains in full only when that fits the budget."""
-    probe = run_method(_spec(args, "total", epochs=1, max_rows=2 * args.batch_size, val_n=args.batch_size))
+    probe = run_method(_spec(args, "total", epochs=1, max_rows=2 * args.batch_size, val_n=args.batch_size), running)
     if probe["measured_peak_mib"] <= budget_mib:
-        return run_method(_spec(args, "total"))
+        return run_method(_spec(args, "total"), running)
     return {**probe, "status": "does not fit", "wall_s": None, "val_acc": None, "train_acc": None,
             "probe_wall_s": probe["wall_s"], "epochs": 0, "stages": [], "split_points": []}
 
 
-def _run(args: argparse.Namespace, method: str, budget_mib: float) -> dict[str, Any]:
+def _run(args: argparse.Namespace, method: str, budget_mib: float, running: set) -> dict[str, Any]:
     if method == "total":
-        return _total(args, budget_mib)
+        return _total(args, budget_mib, running)
     budget = int(budget_mib * 2**20) if method.startswith("partial") else None  # partial plans under it
-    return run_method(_spec(args, method, memory_budget=budget))
+    return run_method(_spec(args, method, memory_budget=budget), running)
 
 
 def run_all(args: argparse.Namespace, methods: list[str], budget_mib: float) -> list[dict[str, Any]]:
-    """Every method's run, ``args.parallel`` at a time; returned in ``methods`` order."""
+    """Every method's run, ``args.parallel`` at a time; returned in ``methods`` order.
+
+    The first run that fails stops the others (their worker processes are killed) and its error is raised.
+    """
     rank = {"partial": 0, "total": 1}  # partial is the longest (it plans, then trains); total's two steps are short
     order = sorted(methods, key=lambda m: rank.get(m, 2))
+    running: set = set()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {m: pool.submit(_run, args, m, budget_mib) for m in order}
+        futures = {m: pool.submit(_run, args, m, budget_mib, running) for m in order}
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures.values() if f in done and f.exception() is not None), None)
+        if failed is not None:
+            for f in futures.values():
+                f.cancel()
+            for proc in list(running):  # our own worker processes
+                proc.kill()
+            raise failed.exception()  # type: ignore[misc]
         return [futures[m].result() for m in methods]
 
 

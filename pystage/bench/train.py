@@ -55,20 +55,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(torchrun; one thread per process unless --threads) and report the scaling")
 
 
-def run_method(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one method in a child process and return its figures."""
+def run_method(spec: dict[str, Any], running: Optional[set] = None) -> dict[str, Any]:
+    """Run one method in a child process and return its figures.
+
+    ``running``: a set that holds the child's ``Popen`` while it runs (so that a caller running several
+    at once can stop the others when one fails).
+    """
     with tempfile.TemporaryDirectory(prefix="pystage-train-") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        proc = subprocess.run([sys.executable, "-m", "pystage.bench.train_worker", spec_path, out_path],
-                              capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "pystage.bench.train_worker", spec_path, out_path],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if running is not None:
+            running.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            if running is not None:
+                running.discard(proc)
         error = from_json(_read(out_path), f"method {spec['method']!r}")
         if error is not None:  # a user error in the worker (bad data, impossible budget): one line, as here
             raise error
         if proc.returncode != 0:
             raise RuntimeError(f"pystage-bench train: method {spec['method']!r} failed (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-4000:]}")
+                               f"{stderr[-4000:]}")
         with open(out_path) as f:
             return json.load(f)
 
