@@ -42,7 +42,8 @@ def test_verdict_and_cells():
     rows = [budget._row({"method": "total", "measured_peak_mib": 10.0, "wall_s": None, "status": "does not fit",
                          "val_acc": None, "stages": []}, 2.0, None),
             budget._row({"method": "partial", "measured_peak_mib": 1.5, "wall_s": 3.0, "val_acc": 0.9,
-                         "stages": [{}, {}, {}]}, 2.0, {"total_predicted_mib": 9.5, "stages": [{"predicted_mib": 1.4}]})]
+                         "stages": [{}, {}, {}]}, 2.0,
+                        {"total_predicted_mib": 9.5, "stages": [{"predicted_mib": 1.4}]})]
     v = budget.verdict(rows, 2.0)
     assert v["total_over_budget"] == 5.0 and v["partial_fits"] is True and v["partial_val_acc"] == 0.9
     cells = [budget._cells(r) for r in rows]

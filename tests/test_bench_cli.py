@@ -139,7 +139,8 @@ def test_argument_errors_are_one_line(capsys):
             main(argv)
         assert info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"pystage-bench {argv[0]}: error: ") and re.search(match, lines[0])
+        assert len(lines) == 1 and lines[0].startswith(f"pystage-bench {argv[0]}: error: ")
+        assert re.search(match, lines[0]), lines[0]
 
 
 def test_jobs_that_raise_system_exit_get_the_same_one_line_form(capsys):

@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Optional
 
 from pystage.bench.report import environment, format_table, print_environment, write_json
-from pystage.bench.train import check_inputs, memory_note, positive_int, run_method
+from pystage.bench.train import check_inputs, memory_note, parse_methods, positive_int, run_method
 from pystage.errors import UsageError
 
 METHODS = ("total", "partial", "checkpoint", "partial-recompute")
@@ -107,7 +107,8 @@ def _row(run: dict[str, Any], budget_mib: float, plan: Optional[dict[str, Any]])
     predicted = None
     if plan is not None:
         predicted = (plan["total_predicted_mib"] if run["method"] == "total"
-                     else max(s["predicted_mib"] for s in plan["stages"]) if run["method"] == "partial" else None)
+                     else max(s["predicted_mib"] for s in plan["stages"]) if run["method"].startswith("partial")
+                     else None)
     return {**run, "budget_mib": budget_mib, "fits": measured <= budget_mib, "vs_budget": measured / budget_mib,
             "predicted_peak_mib": predicted, "n_stages": max(1, len(run.get("stages") or []))}
 
@@ -175,14 +176,11 @@ def run(args: argparse.Namespace) -> int:
     from pystage.units import parse_bytes
 
     t0 = time.perf_counter()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise UsageError(f"--methods got {','.join(bad) or repr(args.methods)}, expected names from {', '.join(METHODS)}")
+    methods = parse_methods(args.methods, METHODS)
     budget_mib = parse_bytes(args.budget, "--budget") / 2**20
     if budget_mib <= 0:
         raise UsageError(f"--budget must be > 0, got {args.budget!r}")
-    train = check_inputs(args, ["total"], shape=[3, args.size, args.size])
+    train = check_inputs(args, shape=[3, args.size, args.size])
     env = {**environment(args.device), "threads": args.threads or "default", "runs_at_a_time": args.parallel}
     print_environment(env)
     shape = "x".join(str(d) for d in train.x.shape[1:])

@@ -106,17 +106,22 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def check_inputs(args: argparse.Namespace, methods: list[str], shape: Optional[list[int]] = None) -> Any:
+def parse_methods(text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated method names of ``--methods``, each one of ``known``."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in known]
+    if bad or not methods:
+        raise UsageError(f"--methods got {','.join(bad) or repr(text)}, expected names from {', '.join(known)}")
+    return methods
+
+
+def check_inputs(args: argparse.Namespace, shape: Optional[list[int]] = None) -> Any:
     """Refuse what cannot run before any worker starts (one-line errors); the training set, for its shape."""
     import torch
 
     import pystage
     from pystage.bench.train_worker import load_data
 
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise UsageError(f"--methods got {','.join(bad) or repr(args.methods)}, expected names from "
-                         f"{', '.join(METHODS)}")
     if args.data != "synthetic" and not args.path:
         raise UsageError(f"--data {args.data} needs --path (its folder or file; data is never downloaded)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -199,8 +204,8 @@ def memory_note(runs: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    train = check_inputs(args, methods)
+    methods = parse_methods(args.methods, METHODS)
+    train = check_inputs(args)
     env = environment(args.device)
     print_environment(env)
     base = {"model": args.model, "data": args.data, "path": args.path, "n": args.n, "val_n": args.val_n,
