@@ -1,4 +1,6 @@
-"""Model zoo: Griswold's CNN1-CNN8 and the deep ``plain-<depth>-<width>`` family, as staged ``nn.Sequential``.
+"""Model zoo: Griswold's CNN1-CNN8, the deep ``plain-<depth>-<width>`` and ``flat-<depth>-<width>`` families.
+
+Each is a staged ``nn.Sequential``.
 
 A model is an ``nn.Sequential`` of layers (each conv is followed by its own
 ``nn.ReLU`` module) with the attribute ``split_points``: the layer indices where
@@ -10,7 +12,10 @@ training code adds one per stage. ``get`` also sets ``model.name``,
 should score) so that training code can build the heads.
 
 Weights: Kaiming-normal (fan-in, ReLU gain) convs with zero bias, so deep plain
-nets train without BatchNorm; deterministic given ``torch.manual_seed``.
+nets train without BatchNorm; deterministic given ``torch.manual_seed``. The flat
+family has BatchNorm by default: every layer keeps the input's resolution, so each
+adds the same activation memory (the default ``pystage-bench`` job trains one under
+a budget a quarter of what end-to-end training needs).
 docs/models.md gives the reading of the paper's Table 1.
 """
 from __future__ import annotations
@@ -20,6 +25,8 @@ import re
 from typing import Callable, Optional, Sequence, Union
 
 from torch import nn
+
+from pystage.errors import PystageError
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +48,11 @@ CNN_TABLE: dict[str, tuple[tuple[str, ...], ...]] = {
 
 _PLAIN = re.compile(r"plain-(\d+)-(\d+)")
 _PLAIN_PATTERN = "plain-<depth>-<width>"
+_FLAT = re.compile(r"flat-(\d+)-(\d+)")
+_FLAT_PATTERN = "flat-<depth>-<width>"
 
 
-class ModelError(ValueError):
+class ModelError(PystageError, ValueError):
     """An unknown model name or an invalid model option; the message names the argument and the valid values."""
 
 
@@ -140,10 +149,40 @@ def plain(depth: int, width: int, in_channels: int = 3, *, batch_norm: bool = Fa
         c = width
         if i in pools:
             layers.append(nn.MaxPool2d(2, 2))
-    k = 1 if stages is None else stages
+    return with_splits(nn.Sequential(*layers), _even_splits(conv_start, stages))
+
+
+def _even_splits(conv_start: Sequence[int], stages: Optional[int]) -> list[int]:
+    """Split points for ``stages`` stages of about equal conv count, each just before a conv (default: one stage)."""
+    depth, k = len(conv_start), 1 if stages is None else stages
     if not 1 <= k <= depth:
         raise ModelError(f"stages must be in [1, {depth}] (one conv per stage at most), got {stages}")
-    return with_splits(nn.Sequential(*layers), [conv_start[round(depth * s / k)] for s in range(1, k)])
+    return [conv_start[round(depth * s / k)] for s in range(1, k)]
+
+
+def flat(depth: int, width: int, in_channels: int = 3, *, batch_norm: bool = True,
+         stages: Optional[int] = None) -> nn.Sequential:
+    """``depth`` conv3-``width`` + BatchNorm + ReLU layers at the input's resolution, then one 2x2 max-pool.
+
+    No layer shrinks the map, so every layer adds the same activation memory: end-to-end
+    training needs several times what a stage of one layer does (the memory a stage needs
+    stays put as the net gets deeper). ``batch_norm=False`` drops the BatchNorm; ``stages=k``
+    splits evenly by conv count, before a conv; the default is one stage.
+    """
+    if depth < 1 or width < 1:
+        raise ModelError(f"flat-<depth>-<width> needs depth >= 1 and width >= 1, got depth={depth}, width={width}")
+    layers: list[nn.Module] = []
+    conv_start: list[int] = []
+    c = in_channels
+    for _ in range(depth):
+        conv_start.append(len(layers))
+        layers += _conv_block(c, width, 3, batch_norm)
+        c = width
+    layers.append(nn.MaxPool2d(2, 2))
+    return with_splits(nn.Sequential(*layers), _even_splits(conv_start, stages))
+
+
+_PATTERNS = {_PLAIN: (_PLAIN_PATTERN, plain), _FLAT: (_FLAT_PATTERN, flat)}
 
 
 _REGISTRY: dict[str, Factory] = {name: _griswold(name) for name in CNN_TABLE}
@@ -154,16 +193,17 @@ def register(name: str, factory: Factory, *, overwrite: bool = False) -> None:
     key = name.lower()
     if not callable(factory):
         raise ModelError(f"factory for {name!r} must be callable, got {type(factory).__name__}")
-    if _PLAIN.fullmatch(key):
-        raise ModelError(f"name {name!r} is reserved by the pattern {_PLAIN_PATTERN}")
+    for regex, (pattern, _) in _PATTERNS.items():
+        if regex.fullmatch(key):
+            raise ModelError(f"name {name!r} is reserved by the pattern {pattern}")
     if key in _REGISTRY and not overwrite:
         raise ModelError(f"model name {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = factory
 
 
 def names() -> list[str]:
-    """Registered model names, then the name patterns (``plain-<depth>-<width>``)."""
-    return sorted(_REGISTRY) + [_PLAIN_PATTERN]
+    """Registered model names, then the name patterns (``plain-<depth>-<width>``, ``flat-<depth>-<width>``)."""
+    return sorted(_REGISTRY) + [pattern for pattern, _ in _PATTERNS.values()]
 
 
 def get(name: str, in_channels: int = 3, num_classes: int = 10, *,
@@ -172,7 +212,8 @@ def get(name: str, in_channels: int = 3, num_classes: int = 10, *,
     """Build model ``name`` (see :func:`names`); ``split_points`` overrides the model's own stages.
 
     ``kw`` goes to the factory: ``width``, ``batch_norm`` for cnn1-8; ``batch_norm``,
-    ``input_size``, ``stages`` for ``plain-<depth>-<width>``. ``pathways="concat"|"sum"`` (plain family
+    ``input_size``, ``stages`` for ``plain-<depth>-<width>``; ``batch_norm`` (default True),
+    ``stages`` for ``flat-<depth>-<width>``. ``pathways="concat"|"sum"`` (plain family
     only) wraps the net in a :class:`pystage.pathways.PathwayNet`; with None the result is an ``nn.Sequential``.
     """
     if pathways is not None and not _PLAIN.fullmatch(name.lower()):
@@ -180,9 +221,10 @@ def get(name: str, in_channels: int = 3, num_classes: int = 10, *,
     if in_channels < 1 or num_classes < 1:
         raise ModelError(f"in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
     key = name.lower()
-    match = _PLAIN.fullmatch(key)
-    if match:
-        model = plain(int(match.group(1)), int(match.group(2)), in_channels, **kw)  # type: ignore[arg-type]
+    family = next(((f, m) for regex, (_, f) in _PATTERNS.items() if (m := regex.fullmatch(key))), None)
+    if family is not None:
+        factory, match = family
+        model = factory(int(match.group(1)), int(match.group(2)), in_channels, **kw)  # type: ignore[operator]
     elif key in _REGISTRY:
         model = _REGISTRY[key](in_channels, **kw)
     else:

@@ -136,6 +136,36 @@ def test_mnist_errors(tmp_path: Path) -> None:
         data.mnist(tmp_path, "train")
 
 
+def test_data_errors_are_pystage_errors_naming_the_path(tmp_path: Path) -> None:
+    """Every loader failure a user can cause is a typed pystage error (the CLI prints it as one line)."""
+    from pystage.errors import PystageError
+
+    _write_mnist(tmp_path / "mnist")
+    images = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:100])  # truncated mid-image
+    with pytest.raises(DataError, match=rf"{images}: truncated IDX file.*size 100 bytes.*expected 4720") as info:
+        data.mnist(tmp_path / "mnist", "train")
+    assert isinstance(info.value, PystageError)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for load in (data.mnist, data.cifar10):
+        with pytest.raises(MissingDataError, match=rf"{a_file} is a file; expected the folder"):
+            load(a_file, "train")
+    _write_cifar(tmp_path / "cifar")
+    batch = tmp_path / "cifar" / "test_batch"
+    batch.write_bytes(batch.read_bytes()[:500])  # truncated pickle
+    with pytest.raises(DataError, match=rf"{batch}: not a CIFAR-10 python pickle batch"):
+        data.cifar10(tmp_path / "cifar", "test")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 1, 2, 2), np.uint8), y=np.zeros(2, np.int64))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "d.npz").read_bytes()[:60])
+    with pytest.raises(DataError, match=rf"{tmp_path / 'cut.npz'}: not a readable .npz file"):
+        data.numpy_file(tmp_path / "cut.npz")
+    (tmp_path / "x.npy").write_bytes(b"garbage")
+    np.save(tmp_path / "y.npy", np.zeros(2, np.int64))
+    with pytest.raises(DataError, match=rf"{tmp_path / 'x.npy'}: not a readable .npy array file"):
+        data.numpy_file(tmp_path / "x.npy", tmp_path / "y.npy")
+
+
 # ---------------------------------------------------------------- arrays, split, get
 
 

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     for mode in ("warm", "cold"):
         if f"{mode}_read_ratio" in result:
             table += [{"what": "store: shuffled stream, batches", "cache": mode, "MB/s": result[f"{mode}_store_read_mb_s"],
-                       "extra RSS MiB": result[f"{mode}_extra_rss_mib"]},
+                       "extra_rss_mib": result[f"{mode}_extra_rss_mib"]},
                       {"what": "raw: memmap -> new batch arrays", "cache": mode, "MB/s": result[f"{mode}_raw_read_mb_s"],
                        "store/this": result[f"{mode}_read_ratio"]},
                       {"what": "raw: memmap -> one reused buffer", "cache": mode, "MB/s": result[f"{mode}_raw_reused_mb_s"],
@@ -221,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     print("  raw -> new batch arrays: the same bytes read sequentially from a plain file via np.memmap, copied")
     print("    batch by batch into new arrays (tensors), as a consumer gets them; read_ratio = store / this")
     print("  raw -> one reused buffer: memcpy ceiling (cache-resident buffer, batches cannot be kept)")
-    print(format_table(table, ["what", "cache", "MB/s", "store/this", "extra RSS MiB"]))
+    print("  extra_rss_mib: the process's peak RSS growth over one shuffled epoch (ram_budget bounds the stream's")
+    print("    two windows, ram_budget / 2; batches in flight and thread stacks come on top)")
+    print(format_table(table, ["what", "cache", "MB/s", "store/this", "extra_rss_mib"]))
     write_json(args.json, {"environment": env, **result})
     return 0

@@ -1,9 +1,10 @@
-"""``pystage-bench train``: the methods side by side on one model and data set (the default job).
+"""``pystage-bench train``: the methods side by side on one model and data set.
 
 Each method runs in a fresh process (same data, same seed, its own temporary
-feature store), so wall time and peak memory are its own. Peak memory is CUDA's
-max_memory_allocated on a GPU; on CPU it is the process's peak RSS sampled while
-fit runs (it includes the Python process and torch itself, ~300 MiB).
+feature store), so wall time and memory are its own. ``measured_peak_mib`` is the
+training memory a budget limits (pystage/bench/train_worker.py): on CPU the live
+tensor bytes of a steady-state training step, on a GPU ``max_memory_allocated``.
+``rss_peak_mib`` is the process's peak RSS (torch and Python included, ~300 MiB).
 """
 from __future__ import annotations
 
@@ -15,22 +16,33 @@ import sys
 import tempfile
 from typing import Any, Optional
 
+from pystage.bench.errors import from_json
 from pystage.bench.report import environment, format_table, print_environment, write_json
+from pystage.errors import UsageError
 
 METHODS = ("total", "partial", "partial-recompute", "checkpoint")
-COLUMNS = ["method", "model", "epochs", "wall_s", "vs_total", "peak_mem_mib", "train_acc", "val_acc", "store_s"]
+COLUMNS = ["method", "model", "epochs", "wall_s", "vs_total", "measured_peak_mib", "rss_peak_mib", "train_acc",
+           "val_acc", "store_s"]
 BUDGET_COLUMNS = ["method", "fits", "predicted_peak_mib", "measured_peak_mib", "budget_mib", "wall_s", "epoch_s",
                   "val_acc"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="cnn8", help="a name from pystage.models.get (default cnn8: 3 stages)")
     p.add_argument("--data", default="synthetic", choices=["synthetic", "cifar10", "mnist", "npz"])
     p.add_argument("--path", help="data folder/file for cifar10, mnist, npz (never downloaded)")
-    p.add_argument("--n", type=int, default=4000, help="synthetic training rows (default 4000)")
-    p.add_argument("--val-n", type=int, default=1000, help="synthetic validation rows")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--n", type=positive_int, default=4000, help="synthetic training rows (default 4000)")
+    p.add_argument("--val-n", type=positive_int, default=1000, help="synthetic validation rows")
+    p.add_argument("--epochs", type=positive_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
@@ -38,24 +50,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", help="memory budget (e.g. 64MiB): partial methods plan their split points under it, "
                    "total is marked 'does not fit' when its predicted peak exceeds it")
     p.add_argument("--json", metavar="PATH", help="write the runs as JSON")
-    p.add_argument("--plot", metavar="PNG", help="write a bar chart of wall time, peak memory and accuracy")
-    p.add_argument("--nproc", type=int, default=1, help="also run each method data-parallel on N processes "
+    p.add_argument("--plot", metavar="PNG", help="write a bar chart of wall time, training memory and accuracy")
+    p.add_argument("--nproc", type=positive_int, default=1, help="also run each method data-parallel on N processes "
                    "(torchrun; one thread per process unless --threads) and report the scaling")
 
 
-def run_method(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one method in a child process and return its figures."""
+def run_method(spec: dict[str, Any], running: Optional[set] = None) -> dict[str, Any]:
+    """Run one method in a child process and return its figures.
+
+    ``running``: a set that holds the child's ``Popen`` while it runs (so that a caller running several
+    at once can stop the others when one fails).
+    """
     with tempfile.TemporaryDirectory(prefix="pystage-train-") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        proc = subprocess.run([sys.executable, "-m", "pystage.bench.train_worker", spec_path, out_path],
-                              capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "pystage.bench.train_worker", spec_path, out_path],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if running is not None:
+            running.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            if running is not None:
+                running.discard(proc)
+        error = from_json(_read(out_path), f"method {spec['method']!r}")
+        if error is not None:  # a user error in the worker (bad data, impossible budget): one line, as here
+            raise error
         if proc.returncode != 0:
             raise RuntimeError(f"pystage-bench train: method {spec['method']!r} failed (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-4000:]}")
+                               f"{stderr[-4000:]}")
         with open(out_path) as f:
             return json.load(f)
+
+
+def _read(path: str) -> dict[str, Any]:
+    """A worker's JSON output; empty if it wrote none."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -65,32 +99,53 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = dict(r)
         row["vs_total"] = r["wall_s"] / total if total and r.get("wall_s") else "-"
         if not r.get("wall_s"):
-            row.update(wall_s=r.get("status", "-"), peak_mem_mib="-", store_s="-")
+            row.update(wall_s=r.get("status", "-"), measured_peak_mib="-", rss_peak_mib="-", store_s="-")
         for k in ("train_acc", "val_acc"):
             row[k] = f"{100 * r[k]:.1f}%" if isinstance(r.get(k), float) else "-"
         rows.append(row)
     return rows
 
 
-def _budget_plan(args: argparse.Namespace) -> dict[str, Any]:
-    """The planner's view of the model under the budget (same data shape and batch as the runs)."""
+def parse_methods(text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated method names of ``--methods``, each one of ``known``."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in known]
+    if bad or not methods:
+        raise UsageError(f"--methods got {','.join(bad) or repr(text)}, expected names from {', '.join(known)}")
+    return methods
+
+
+def check_inputs(args: argparse.Namespace, shape: Optional[list[int]] = None) -> Any:
+    """Refuse what cannot run before any worker starts (one-line errors); the training set, for its shape."""
     import torch
 
     import pystage
     from pystage.bench.train_worker import load_data
+
+    if args.data != "synthetic" and not args.path:
+        raise UsageError(f"--data {args.data} needs --path (its folder or file; data is never downloaded)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch.cuda.is_available() is False")
+    train, _ = load_data({"data": args.data, "path": args.path, "n": min(args.n, 64), "val_n": 8, "seed": args.seed,
+                          "shape": shape})
+    pystage.models.get(args.model, in_channels=train.x.shape[1], num_classes=train.num_classes)  # a known name?
+    return train
+
+
+def _budget_plan(args: argparse.Namespace, train: Any) -> dict[str, Any]:
+    """The planner's view of the model under the budget (same data shape and batch as the runs)."""
+    import torch
+
+    import pystage
     from pystage.units import parse_bytes
 
-    train, _ = load_data({"data": args.data, "path": args.path, "n": min(args.n, 64), "val_n": 8, "seed": args.seed})
     torch.manual_seed(args.seed)
     model = pystage.models.get(args.model, in_channels=train.x.shape[1], num_classes=train.num_classes)
-    budget = parse_bytes(args.budget)
-    try:
-        plan = pystage.plan(model, tuple(train.x.shape[1:]), args.batch_size, budget, device=args.device,
-                            num_classes=train.num_classes, dataset_rows=args.n)
-        text, stages = str(plan), [s.peak / 2**20 for s in plan.stages]
-        total, splits = plan.total_predicted_bytes, list(plan.split_points)
-    except pystage.PlanError as exc:
-        raise SystemExit(f"pystage-bench train: {exc}") from exc
+    budget = parse_bytes(args.budget, "--budget")
+    plan = pystage.plan(model, tuple(train.x.shape[1:]), args.batch_size, budget, device=args.device,
+                        num_classes=train.num_classes, dataset_rows=args.n)  # PlanError: an impossible budget
+    text, stages = str(plan), [s.peak / 2**20 for s in plan.stages]
+    total, splits = plan.total_predicted_bytes, list(plan.split_points)
     return {"budget_mib": budget / 2**20, "total_predicted_mib": total / 2**20, "split_points": splits,
             "stages": [{"predicted_mib": p} for p in stages], "text": text}
 
@@ -98,12 +153,12 @@ def _budget_plan(args: argparse.Namespace) -> dict[str, Any]:
 def _does_not_fit(args: argparse.Namespace, budget: dict[str, Any]) -> dict[str, Any]:
     return {"method": "total", "model": args.model, "epochs": args.epochs, "wall_s": None, "fits": False,
             "status": "does not fit", "predicted_peak_mib": budget["total_predicted_mib"],
-            "budget_mib": budget["budget_mib"], "measured_peak_mib": None, "val_acc": None, "train_acc": None,
-            "epoch_s": None}
+            "budget_mib": budget["budget_mib"], "measured_peak_mib": None, "rss_peak_mib": None, "val_acc": None,
+            "train_acc": None, "epoch_s": None}
 
 
 def _annotate(run: dict[str, Any], budget: dict[str, Any]) -> None:
-    """Budget columns: predicted (planner) and measured (live tensor bytes of a steady-state step) peaks."""
+    """Budget columns: predicted (planner) and measured (the training memory a budget limits) peaks."""
     predicted = {"total": budget["total_predicted_mib"]}.get(run["method"])
     if run["method"].startswith("partial"):
         predicted = max(s["predicted_mib"] for s in budget["stages"])
@@ -129,8 +184,10 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     runs = [r for r in runs if r.get("wall_s")]
     names = [r["method"] for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, label in zip(axes, ("wall_s", "peak_mem_mib", "val_acc"),
-                              ("wall time (s)", f"peak memory (MiB, {runs[0]['peak_mem_source']})", "val accuracy")):
+    memory = "training memory (MiB): " + ("max_memory_allocated" if "cuda" in runs[0]["measured_peak_source"]
+                                          else "live tensors of a step")
+    for ax, key, label in zip(axes, ("wall_s", "measured_peak_mib", "val_acc"),
+                              ("wall time (s)", memory, "val accuracy")):
         ax.bar(names, [r.get(key) or 0 for r in runs], color="#4c72b0")
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -139,13 +196,16 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def memory_note(runs: list[dict[str, Any]]) -> str:
+    """The line under a table that says what its memory columns measured."""
+    source = next((r["measured_peak_source"] for r in runs if r.get("measured_peak_source")), "-")
+    return (f"memory: measured_peak_mib = the training memory a budget limits: {source}; rss_peak_mib = the "
+            f"process's peak RSS (torch, Python and buffers included)")
+
+
 def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise SystemExit(f"pystage-bench train: --methods got {bad}, expected names from {', '.join(METHODS)}")
-    if args.data != "synthetic" and not args.path:
-        raise SystemExit(f"pystage-bench train: --data {args.data} needs --path (data is never downloaded)")
+    methods = parse_methods(args.methods, METHODS)
+    train = check_inputs(args)
     env = environment(args.device)
     print_environment(env)
     base = {"model": args.model, "data": args.data, "path": args.path, "n": args.n, "val_n": args.val_n,
@@ -155,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         from pystage.bench.train_dist import run_distributed
 
         return run_distributed(args, methods, base, env)
-    budget = _budget_plan(args) if args.budget else None
+    budget = _budget_plan(args, train) if args.budget else None
     runs = []
     for method in methods:
         if budget is not None and method == "total" and budget["total_predicted_mib"] > budget["budget_mib"]:
@@ -170,9 +230,8 @@ def run(args: argparse.Namespace) -> int:
         runs.append(run_method(spec))
         if budget is not None:
             _annotate(runs[-1], budget)
-    done = [r for r in runs if r.get("wall_s")]
     print(format_table(_rows(runs), COLUMNS))
-    print(f"peak memory: {done[0]['peak_mem_source'] if done else '-'}")
+    print(memory_note(runs))
     payload: dict[str, Any] = {"benchmark": "train", "environment": env, "runs": runs}
     if budget is not None:
         print(budget["text"])

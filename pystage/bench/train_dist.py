@@ -17,11 +17,12 @@ import sys
 import tempfile
 from typing import Any
 
+from pystage.bench.errors import from_json
 from pystage.bench.report import format_table, write_json
-from pystage.bench.train import COLUMNS, _rows, run_method
+from pystage.bench.train import COLUMNS, _read, _rows, memory_note, run_method
 
 SCALING = ["method", "nproc", "store_build_s_1proc", "store_build_s", "store_ratio", "train_s_1proc", "train_s",
-           "rows_per_s_1proc", "rows_per_s", "train_speedup", "rank_peak_mem_mib"]
+           "rows_per_s_1proc", "rows_per_s", "train_speedup", "rank_measured_peak_mib", "rank_rss_peak_mib"]
 
 
 def _port() -> int:
@@ -41,6 +42,9 @@ def run_ranks(spec: dict[str, Any], nproc: int) -> dict[str, Any]:
                spec_path, out_path]
         env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads") or 1)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        error = from_json(_read(out_path), f"method {spec['method']!r} on {nproc} processes")
+        if error is not None:
+            raise error
         if proc.returncode != 0:
             raise RuntimeError(f"pystage-bench train --nproc {nproc}: method {spec['method']!r} failed "
                                f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -55,7 +59,9 @@ def _scaling(one: dict[str, Any], many: dict[str, Any], rows: int) -> dict[str, 
     return {"method": many["method"], "nproc": many["nproc"], "store_build_s_1proc": one["store_s"],
             "store_build_s": many["store_s"], "store_ratio": ratio if ratio is not None else "-",
             "train_s_1proc": one["train_s"], "train_s": many["train_s"], "rows_per_s_1proc": r1, "rows_per_s": rn,
-            "train_speedup": rn / r1, "rank_peak_mem_mib": " ".join(f"{p:.0f}" for p in many["rank_peak_mem_mib"])}
+            "train_speedup": rn / r1,
+            "rank_measured_peak_mib": " ".join(f"{p:.1f}" for p in many["rank_measured_peak_mib"]),
+            "rank_rss_peak_mib": " ".join(f"{p:.0f}" for p in many["rank_rss_peak_mib"])}
 
 
 def run_distributed(args: argparse.Namespace, methods: list[str], base: dict[str, Any], env: dict[str, Any]) -> int:
@@ -70,7 +76,7 @@ def run_distributed(args: argparse.Namespace, methods: list[str], base: dict[str
         scaling.append(_scaling(singles[-1], runs[-1], args.n))
         runs[-1].update(store_build_s=runs[-1]["store_s"], store_build_s_1proc=singles[-1]["store_s"])
     print(format_table(_rows(runs), COLUMNS))
-    print(f"peak memory: {runs[0]['peak_mem_source']}, per rank in the next table")
+    print(memory_note(runs) + "; per rank in the next table")
     print(format_table(scaling, SCALING))
     store = [s for s in scaling if s["store_build_s"]]
     payload = {"benchmark": "train", "environment": env, "nproc": n, "runs": runs, "runs_1proc": singles,

@@ -1,6 +1,7 @@
 """Datasets from arrays and ``.npy`` / ``.npz`` files, any-``Dataset`` adaptation, and the train/val split."""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -52,6 +53,15 @@ def numpy_arrays(x: ArrayLike, y: ArrayLike, *, layout: str = "NCHW", num_classe
     return TensorData(xt.contiguous(), yt.long(), num_classes=num_classes, name=name)
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """The array in the .npy file ``path`` (no pickled objects)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy array file, expected numpy's .npy format "
+                        f"({type(e).__name__}: {e})") from e
+
+
 def numpy_file(path: PathLike, y_path: Optional[PathLike] = None, split: Optional[str] = None,
                **kw: Any) -> TensorData:
     """From an ``.npz`` holding ``x_<split>``/``y_<split>`` or ``x``/``y``, or from ``.npy`` files ``path`` and ``y_path``.
@@ -65,15 +75,15 @@ def numpy_file(path: PathLike, y_path: Optional[PathLike] = None, split: Optiona
     if p.suffix == ".npy":
         if y_path is None or not Path(y_path).expanduser().is_file():
             raise MissingDataError(f"y_path must name the .npy of labels that goes with {p}, got {y_path!r}")
-        return numpy_arrays(np.load(p), np.load(Path(y_path).expanduser()), name=p.stem, **kw)
+        return numpy_arrays(_load_npy(p), _load_npy(Path(y_path).expanduser()), name=p.stem, **kw)
     try:
         with np.load(p, allow_pickle=False) as z:
             keys = set(z.files)
             for kx, ky in ((f"x_{split}", f"y_{split}"), ("x", "y")):
                 if kx in keys and ky in keys:
                     return numpy_arrays(z[kx], z[ky], name=f"{p.stem}-{split}" if split else p.stem, **kw)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{p}: not a readable .npz file ({e})") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{p}: not a readable .npz file, expected a numpy zip archive ({type(e).__name__}: {e})") from e
     want = f"x_{split}/y_{split} or x/y" if split else "x/y"
     raise DataError(f"{p}: expected arrays {want}, got keys {sorted(keys)}")
 

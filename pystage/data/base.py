@@ -7,8 +7,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from pystage.errors import PystageError
 
-class DataError(ValueError):
+
+class DataError(PystageError, ValueError):
     """Data that is malformed or inconsistent; the message names the file or argument and what was expected."""
 
 

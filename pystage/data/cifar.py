@@ -42,6 +42,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def _folder(path: Union[str, Path]) -> Path:
     """``path`` itself or its ``cifar-10-batches-py`` child, whichever holds the batches."""
     p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise MissingDataError(f"CIFAR-10 path {p} is a file; expected the folder cifar-10-batches-py (or its parent) "
+                               f"holding data_batch_1..5 and test_batch")
     sub = p / "cifar-10-batches-py"
     return sub if not (p / "test_batch").exists() and sub.is_dir() else p
 
@@ -51,7 +54,10 @@ def _load_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(file, "rb") as f:
             d = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+    except OSError as e:
+        raise DataError(f"{file}: cannot read the CIFAR-10 batch ({type(e).__name__}: {e})") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError) as e:
         raise DataError(f"{file}: not a CIFAR-10 python pickle batch ({type(e).__name__}: {e})") from e
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__

@@ -54,7 +54,8 @@ def read_idx(file: Path, magic: int) -> np.ndarray:
     header = 4 + 4 * ndim
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
-        raise DataError(f"{file}: size {len(raw)} bytes does not match its header {dims} "
+        what = "truncated IDX file" if len(raw) < expected else "IDX file longer than its header says"
+        raise DataError(f"{file}: {what}: size {len(raw)} bytes does not match its header {dims} "
                         f"(expected {expected} bytes)")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
@@ -64,6 +65,10 @@ def mnist(path: Union[str, Path], split: str = "train", normalize: bool = True) 
     if split not in PREFIX:
         raise DataError(f"split must be one of {sorted(PREFIX)}, got {split!r}")
     folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise MissingDataError(f"MNIST path {folder} is a file; expected the folder holding the IDX files "
+                               f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                               f"t10k-labels-idx1-ubyte (plain or .gz)")
     images = read_idx(_find(folder, f"{PREFIX[split]}-images-idx3-ubyte"), IMAGES_MAGIC)  # (N, H, W)
     labels = read_idx(_find(folder, f"{PREFIX[split]}-labels-idx1-ubyte"), LABELS_MAGIC)  # (N,)
     if len(images) != len(labels):
