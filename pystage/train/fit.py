@@ -239,7 +239,8 @@ class _Run:
         if self.search is not None:
             configs = draw_configs(self.search, self.config, salt=key)
             best, trials = run_search(engine, configs, src, val_src, self.epochs, self.search.halving,
-                                      self.search.eta, measure=self.measure)
+                                      self.search.eta, measure=self.measure, mode=self.search.mode,
+                                      under_budget=self.plan is not None)
         else:
             best, trials = self._train_resumable(engine, saved, key, src, val_src), []
         measured = best.stats.measured_peak
