@@ -210,7 +210,7 @@ class _Run:
         saved = nn.Sequential(body, head)
         key = stage_key(upstream=upstream, body=body, head=head, source=kind, features=_content(src, val_src, self),
                         store_dtype=str(self.store_dtype) if kind == "store" else None, config=asdict(self.config),
-                        search=asdict(self.search) if self.search else None, epochs=self.epochs,
+                        search=self.search.key() if self.search else None, epochs=self.epochs,
                         batch_size=self.batch_size, seed=self.seed)
         layers = f"{unit[0] + 1}" if len(unit) == 1 else f"{unit[0] + 1}-{unit[-1] + 1}"
         with PeakMeter(self.device) as meter:

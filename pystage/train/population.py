@@ -62,13 +62,21 @@ def unsupported(engine: Engine, configs: Sequence[TrainConfig]) -> Optional[str]
     return None
 
 
-def population_peak(member_peak: int, batch_bytes: int, members: int, forward: str = "vmap") -> int:
-    """Peak bytes of a population step, from one member's step (``member_peak``, what the planner predicts for a
-    stage) and the batch's bytes (read once, shared): parameters, gradients, optimizer state and buffers are held
-    ``members`` times; activations ``members`` times under ``vmap``, once under ``loop`` (one member's forward
-    and backward at a time; the ``members`` outputs are kept, a few bytes per row). Upper bound for ``loop``."""
-    rest = max(member_peak - batch_bytes, 0)
-    return batch_bytes + members * rest
+def population_peak(state_bytes: int, activation_bytes: int, batch_bytes: int, members: int,
+                    forward: str = "vmap") -> int:
+    """Predicted peak bytes of a population step, from one member's step: ``state_bytes`` (its parameters,
+    gradients, optimizer state and buffers), ``activation_bytes`` (what else its step holds at the peak:
+    activations, workspaces) and ``batch_bytes`` (the batch, read once and shared by every member).
+
+    The state is held ``members`` times in both forwards; activations ``members`` times under ``vmap`` (each
+    layer runs every member in one kernel), once under ``loop`` (one member's forward and backward at a
+    time). Left out: transients, such as vmap's copy of a layer's output when only its weights are batched
+    and the stacked optimizer's temporaries; measured on CPU for the stages of cnn1, cnn4 and cnn8 with 11
+    members, the peak was 1.00-1.20x this prediction (docs/search.md). ``population_members`` gives
+    ``members``."""
+    if forward not in ("vmap", "loop"):
+        raise ValueError(f"forward must be 'vmap' or 'loop', got {forward!r}")
+    return batch_bytes + members * state_bytes + (members if forward == "vmap" else 1) * activation_bytes
 
 
 def population_members(draws: int, mode: str) -> int:
@@ -106,22 +114,29 @@ class Population:
         """The engine's loss of one member's output (``Engine._loss`` outside DDP)."""
         return F.cross_entropy(out, y) if self.engine.loss == "ce" else F.mse_loss(out.reshape(y.shape), y)
 
-    def _resolve(self, x: Tensor) -> None:
-        """``auto`` on CUDA: ``vmap`` if a trial step of two members (copies: nothing changes) works, else ``loop``."""
-        if self.forward_mode != "auto":
-            return
+    def vmap_error(self, x: Tensor) -> Optional[str]:
+        """Why ``vmap`` cannot run this module (None: it can), from a training step of two members on copies of
+        their tensors and a few rows of ``x`` (nothing of the population changes)."""
         k, rows = min(self.n, 2), min(len(x), 8)
         params = {name: p.detach()[:k].clone().requires_grad_() for name, p in self.params.items()}
         buffers = {name: b[:k].clone() for name, b in self.buffers.items()}
         try:
             self._vmapped(params, buffers, x[:rows]).float().sum().backward()
-            self.forward_mode = "vmap"
         except torch.OutOfMemoryError:
             raise
-        except Exception as e:  # noqa: BLE001 - any failure of vmap means: run the members one by one
+        except Exception as e:  # noqa: BLE001 - whatever vmap fails on, the members can run one by one
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None
+
+    def _resolve(self, x: Tensor) -> None:
+        """``auto`` (on CUDA): ``vmap`` if it can run the module, else ``loop``; decided at the first batch."""
+        if self.forward_mode != "auto":
+            return
+        why = self.vmap_error(x)
+        if why is not None:
             log.info("stage %s: the search's population runs member by member: vmap failed (%s)",
-                     self.engine.stage, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            self.forward_mode = "loop"
+                     self.engine.stage, why)
+        self.forward_mode = "loop" if why else "vmap"
 
     def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One optimizer step of every member on the batch ``(x, y)`` (on the device): (outputs (n, B, ...),
@@ -133,16 +148,21 @@ class Population:
             losses = vmap(lambda o: self._loss(o, y))(out)  # (n,)
             grads = torch.autograd.grad(losses.sum(), list(self.params.values()), allow_unused=True)
         else:
-            outs, loss_list, per_member = [], [], []
+            outs, loss_list = [], []
+            grads = [torch.zeros_like(p) for p in self.params.values()]  # (n, ...) each, filled member by member
+            used = [False] * len(grads)
             for i in range(self.n):
                 leaves = {k: self.params[k].detach()[i].requires_grad_() for k in names}  # views: member i
                 o = self._call(leaves, {k: b[i] for k, b in self.buffers.items()}, x)
                 loss = self._loss(o, y)
-                per_member.append(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))
+                for j, g in enumerate(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)):
+                    if g is not None:
+                        grads[j][i].copy_(g)
+                        used[j] = True
                 outs.append(o.detach())
                 loss_list.append(loss.detach())
             out, losses = torch.stack(outs), torch.stack(loss_list)
-            grads = tuple(None if g[0] is None else torch.stack(g) for g in zip(*per_member))
+            grads = [g if u else None for g, u in zip(grads, used)]
         self.optimizer.step(list(self.params.values()), grads)
         return out.detach(), losses.detach()
 

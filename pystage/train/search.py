@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -72,6 +72,12 @@ class SearchConfig:
         _check("sigma", self.sigma, (int, float), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
         _check("halving", self.halving, bool, lambda v: True, "True or False")
         _check("mode", self.mode, str, lambda v: v in MODES, f"one of {', '.join(repr(m) for m in MODES)}")
+
+
+    def key(self) -> dict[str, Any]:
+        """What decides the search's result, for stage keys: every field but ``mode`` (both modes train the
+        same trials to the same result, up to float rounding, so they share keys, draws and cached stages)."""
+        return {k: v for k, v in asdict(self).items() if k != "mode"}
 
 
 def _check(name: str, value: Any, types: Any, ok: Any, expected: str) -> None:

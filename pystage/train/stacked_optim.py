@@ -36,7 +36,7 @@ class StackedOptimizer:
         self.lr = torch.tensor([c.lr for c in configs], dtype=torch.float64, device=dev)  # (n,)
         self.wd = torch.tensor([c.weight_decay for c in configs], dtype=torch.float64, device=dev)  # (n,)
         self.dtype = params[0].dtype
-        self.steps = 0  # every member has taken as many steps (they train in lockstep)
+        self.steps = [0 for _ in params]  # per parameter, as torch.optim counts (the members train in lockstep)
         self.state: list[dict[str, Tensor]] = [{} for _ in params]
         self.decay = any(c.weight_decay != 0 for c in configs)
 
@@ -47,20 +47,25 @@ class StackedOptimizer:
     @torch.no_grad()
     def step(self, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> None:
         """Update ``params`` (each ``(n, ...)``) in place from ``grads`` (same shapes; ``None``: skip)."""
-        self.steps += 1
-        if self.kind == "sgd":  # param - lr * (grad + wd * param), with momentum on the bracket
-            f = {"wd": self.wd, "lr": -self.lr}
-        else:  # Adam: param - lr / (1 - beta1^t) * m / denom; AdamW first scales param by (1 - lr * wd)
-            f = {"wd": self.wd, "lr": -self.lr / (1 - BETAS[0] ** self.steps), "decay": 1 - self.lr * self.wd}
-        f = {k: v.to(self.dtype) for k, v in f.items()}  # (n,) each: float64 first, as torch computes in Python
-        for p, g, st in zip(params, grads, self.state):
+        factors: dict[int, dict[str, Tensor]] = {}  # per step count (a parameter skipped once lags behind)
+        for j, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 continue
+            self.steps[j] += 1
+            f = factors.get(self.steps[j]) or factors.setdefault(self.steps[j], self._factors(self.steps[j]))
             shaped = {k: v.view(-1, *([1] * (p.dim() - 1))) for k, v in f.items()}  # broadcast over (n, ...)
             if self.kind == "sgd":
-                self._sgd(p, g, st, shaped)
+                self._sgd(p, g, self.state[j], shaped)
             else:
-                self._adam(p, g, st, shaped)
+                self._adam(p, g, self.state[j], shaped, self.steps[j])
+
+    def _factors(self, step: int) -> dict[str, Tensor]:
+        """Per-member factors of a step, (n,) each, computed in float64 (torch computes them in Python floats)."""
+        if self.kind == "sgd":  # param - lr * (grad + wd * param), momentum applied to the bracket
+            f = {"wd": self.wd, "lr": -self.lr}
+        else:  # Adam: param - lr / (1 - beta1^t) * m / denom; AdamW first scales param by (1 - lr * wd)
+            f = {"wd": self.wd, "lr": -self.lr / (1 - BETAS[0] ** step), "decay": 1 - self.lr * self.wd}
+        return {k: v.to(self.dtype) for k, v in f.items()}
 
     def _sgd(self, p: Tensor, g: Tensor, st: dict[str, Tensor], f: dict[str, Tensor]) -> None:
         if self.decay:
@@ -74,7 +79,7 @@ class StackedOptimizer:
             g = buf
         p.addcmul_(g, f["lr"])
 
-    def _adam(self, p: Tensor, g: Tensor, st: dict[str, Tensor], f: dict[str, Tensor]) -> None:
+    def _adam(self, p: Tensor, g: Tensor, st: dict[str, Tensor], f: dict[str, Tensor], step: int) -> None:
         beta1, beta2 = BETAS
         if not st:
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -86,7 +91,7 @@ class StackedOptimizer:
         m, v = st["exp_avg"], st["exp_avg_sq"]
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(EPS)
+        denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(EPS)
         p.addcdiv_(m * f["lr"], denom)
 
     def keep(self, index: Tensor) -> None:
@@ -102,6 +107,6 @@ class StackedOptimizer:
                 continue
             entry = {k: v[i].clone() for k, v in st.items()}
             if self.kind != "sgd":
-                entry["step"] = torch.tensor(float(self.steps))
+                entry["step"] = torch.tensor(float(self.steps[j]))
             out[j] = entry
         return out
