@@ -240,7 +240,7 @@ class _Run:
             configs = draw_configs(self.search, self.config, salt=key)
             best, trials = run_search(engine, configs, src, val_src, self.epochs, self.search.halving,
                                       self.search.eta, measure=self.measure, mode=self.search.mode,
-                                      under_budget=self.plan is not None)
+                                      under_budget=self.plan is not None, forward=self.search.forward)
         else:
             best, trials = self._train_resumable(engine, saved, key, src, val_src), []
         measured = best.stats.measured_peak

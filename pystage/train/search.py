@@ -51,7 +51,9 @@ MODES = ("auto", "population", "sequential")
 @dataclass(frozen=True)
 class SearchConfig:
     """``draws`` random points besides the start point; ``halving`` prunes the worse half at every rung;
-    ``mode``: how the trials train ("auto", "population": all at once, "sequential": one at a time)."""
+    ``mode``: how the trials train ("auto", "population": all at once, "sequential": one at a time);
+    ``vmap``: how a population runs its members (None: ``torch.func.vmap`` on CUDA where it works, a loop over
+    the members elsewhere; True: always vmap; False: always the loop)."""
 
     draws: int = 10
     lr: float = 1e-3
@@ -61,6 +63,7 @@ class SearchConfig:
     eta: int = 2
     seed: int = 0
     mode: str = "auto"
+    vmap: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _check("draws", self.draws, int, lambda v: v >= 0, "an int >= 0")
@@ -72,12 +75,18 @@ class SearchConfig:
         _check("sigma", self.sigma, (int, float), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
         _check("halving", self.halving, bool, lambda v: True, "True or False")
         _check("mode", self.mode, str, lambda v: v in MODES, f"one of {', '.join(repr(m) for m in MODES)}")
+        if self.vmap is not None:
+            _check("vmap", self.vmap, bool, lambda v: True, "None, True or False")
 
+    @property
+    def forward(self) -> str:
+        """``vmap`` as ``Population``'s ``forward``: "auto", "vmap" or "loop"."""
+        return "auto" if self.vmap is None else ("vmap" if self.vmap else "loop")
 
     def key(self) -> dict[str, Any]:
-        """What decides the search's result, for stage keys: every field but ``mode`` (both modes train the
-        same trials to the same result, up to float rounding, so they share keys, draws and cached stages)."""
-        return {k: v for k, v in asdict(self).items() if k != "mode"}
+        """What decides the search's result, for stage keys: every field but ``mode`` and ``vmap`` (every way
+        trains the same trials to the same result, up to float rounding: they share keys, draws, cached stages)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("mode", "vmap")}
 
 
 def _check(name: str, value: Any, types: Any, ok: Any, expected: str) -> None:
