@@ -142,29 +142,32 @@ class Population:
         """One optimizer step of every member on the batch ``(x, y)`` (on the device): (outputs (n, B, ...),
         losses (n,))."""
         self._resolve(x)
-        names = list(self.params)
-        if self.forward_mode == "vmap":
-            out = self._vmapped(self.params, self.buffers, x)  # (n, B, classes)
-            losses = vmap(lambda o: self._loss(o, y))(out)  # (n,)
-            grads = torch.autograd.grad(losses.sum(), list(self.params.values()), allow_unused=True)
-        else:
-            outs, loss_list = [], []
-            grads = [torch.zeros_like(p) for p in self.params.values()]  # (n, ...) each, filled member by member
-            used = [False] * len(grads)
-            for i in range(self.n):
-                leaves = {k: self.params[k].detach()[i].requires_grad_() for k in names}  # views: member i
-                o = self._call(leaves, {k: b[i] for k, b in self.buffers.items()}, x)
-                loss = self._loss(o, y)
-                for j, g in enumerate(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)):
-                    if g is not None:
-                        grads[j][i].copy_(g)
-                        used[j] = True
-                outs.append(o.detach())
-                loss_list.append(loss.detach())
-            out, losses = torch.stack(outs), torch.stack(loss_list)
-            grads = [g if u else None for g, u in zip(grads, used)]
+        out, losses, grads = self._vmap_grads(x, y) if self.forward_mode == "vmap" else self._loop_grads(x, y)
         self.optimizer.step(list(self.params.values()), grads)
         return out.detach(), losses.detach()
+
+    def _vmap_grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Sequence[Optional[Tensor]]]:
+        """Every member's forward in one batched call, one backward for all (their losses share nothing)."""
+        out = self._vmapped(self.params, self.buffers, x)  # (n, B, classes)
+        losses = vmap(lambda o: self._loss(o, y))(out)  # (n,)
+        return out, losses, torch.autograd.grad(losses.sum(), list(self.params.values()), allow_unused=True)
+
+    def _loop_grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Sequence[Optional[Tensor]]]:
+        """Member after member: forward, then backward at once (one member's activations alive at a time)."""
+        outs, losses = [], []
+        grads = [torch.zeros_like(p) for p in self.params.values()]  # (n, ...) each, filled member by member
+        used = [False] * len(grads)
+        for i in range(self.n):
+            leaves = [p.detach()[i].requires_grad_() for p in self.params.values()]  # views of member i
+            o = self._call(dict(zip(self.params, leaves)), {k: b[i] for k, b in self.buffers.items()}, x)
+            loss = self._loss(o, y)
+            for j, g in enumerate(torch.autograd.grad(loss, leaves, allow_unused=True)):
+                if g is not None:
+                    grads[j][i].copy_(g)
+                    used[j] = True
+            outs.append(o.detach())
+            losses.append(loss.detach())
+        return torch.stack(outs), torch.stack(losses), [g if u else None for g, u in zip(grads, used)]
 
     def measured_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
         """``step`` under live-tensor accounting: also the peak bytes of every member's parameters, optimizer
