@@ -117,6 +117,25 @@ def test_members_equal_trials_trained_alone(forward, base):
         assert accs[i] == pytest.approx(engine.evaluate(val), abs=1e-9)
 
 
+@pytest.mark.parametrize("forward", ["loop", "vmap"])
+def test_regression_members_equal_trials_trained_alone(forward):
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(60, 5, generator=gen), torch.randn(5, 2, generator=gen)
+    data = torch.utils.data.TensorDataset(x, x @ w)
+    src, val = DatasetSource(data, 10, seed=1), DatasetSource(data, 30, shuffle=False)
+    cfgs = configs(TrainConfig(optimizer="sgd"))
+    torch.manual_seed(0)
+    start = nn.Linear(5, 2)
+    pop = Population(Engine(copy.deepcopy(start), cfgs[0], CPU, loss="mse"), cfgs, forward=forward)
+    results, errors = pop.run(src, 7, Cursor()), pop.evaluate(val)
+    for i, cfg in enumerate(cfgs):
+        alone = Engine(copy.deepcopy(start), cfg, CPU, loss="mse")
+        stats = alone.run(src, 7, Cursor())
+        close(pop.params["weight"][i], alone.module.weight.detach())
+        assert results[i].stats.loss == pytest.approx(stats.loss, rel=1e-5) and results[i].stats.correct == 0
+        assert errors[i] == pytest.approx(alone.evaluate(val), rel=1e-5)
+
+
 def test_pruning_cuts_members_out_and_the_winner_goes_into_the_module():
     src, _ = sources()
     cfgs = configs(TrainConfig(optimizer="adam"))
