@@ -121,7 +121,7 @@ class Population:
         params = {name: p.detach()[:k].clone().requires_grad_() for name, p in self.params.items()}
         buffers = {name: b[:k].clone() for name, b in self.buffers.items()}
         try:
-            self._vmapped(params, buffers, x[:rows]).float().sum().backward()
+            torch.autograd.grad(self._vmapped(params, buffers, x[:rows]).float().sum(), list(params.values()))
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever vmap fails on, the members can run one by one
