@@ -26,6 +26,9 @@ class StackedOptimizer:
     and momentum must be the same for every member (the search varies only lr and L2)."""
 
     def __init__(self, params: Sequence[Tensor], configs: Sequence[TrainConfig]) -> None:
+        if not params or not configs:
+            raise ValueError(f"params and configs: got {len(params)} parameters and {len(configs)} configs, "
+                             "expected at least one of each (as torch.optim needs a parameter to optimize)")
         first = configs[0]
         other = next((c for c in configs if (c.optimizer, c.momentum) != (first.optimizer, first.momentum)), None)
         if other is not None:
