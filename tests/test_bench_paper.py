@@ -85,3 +85,34 @@ def test_stage_macs_match_the_architectures() -> None:
     cnn1, cnn6 = paper.stage_macs("cnn1", (3, 32, 32), 10, 32), paper.stage_macs("cnn6", (3, 32, 32), 10, 32)
     assert cnn6[0] == cnn1[0] == 32 * 32 * 32 * (3 * 9 + 32 * 9) + 32 * 16 * 16 * 10
     assert len(paper.stage_macs("cnn8", (3, 32, 32), 10, 32)) == 3
+
+
+def test_search_and_halving_options_run_every_combination(tiny_data, tmp_path, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    paper.add_arguments(parser)
+    assert paper.runs_of(parser.parse_args([])) == [("2", "population", True)]
+    assert paper.runs_of(parser.parse_args(["--no-halving", "--search", "sequential"])) == [("2", "sequential", False)]
+    assert paper.runs_of(parser.parse_args(["--table", "both", "--search", "both", "--halving", "both"])) == [
+        (t, s, h) for t in ("2", "3") for s in ("population", "sequential") for h in (True, False)]
+    out = tmp_path / "paper.json"
+    args = parser.parse_args(["--n", "200", "--n-val", "50", "--draws", "3", "--width", "4", "--models", "cnn2",
+                              "--sweeps", "shared", "--search", "both", "--halving", "both", "--tmp", str(tmp_path),
+                              "--json", str(out)])
+    assert paper.run(args) == 0
+    text = capsys.readouterr().out
+    assert "population search" in text and "sequential search" in text
+    assert "Sweep times by table, search and halving" in text
+    d = json.loads(out.read_text())
+    times = d["search_times"]
+    assert [(r["search"], r["halving"]) for r in times] == [("population", "on"), ("population", "off"),
+                                                            ("sequential", "on"), ("sequential", "off")]
+    assert all(r["shared_s"] > 0 for r in times)
+    for run in d["tables"]:
+        stages = run["models"][0]["stages"]
+        assert all(s["trials"] == 4 for s in stages)
+    by = {(r["search"], r["halving"]): r for r in d["tables"]}
+    for halving in (True, False):  # both modes train the same draws and choose the same ones
+        pop, seq = by[("population", halving)]["models"][0], by[("sequential", halving)]["models"][0]
+        assert [(s["lr"], s["weight_decay"]) for s in pop["stages"]] == [(s["lr"], s["weight_decay"])
+                                                                         for s in seq["stages"]]
+        assert [s["stage_key"] for s in pop["stages"]] == [s["stage_key"] for s in seq["stages"]]

@@ -27,12 +27,14 @@ def _calls(path: pathlib.Path, attr: str) -> int:
 
 def test_pystage_train_has_one_loop():
     """backward, optimizer steps and optimizer construction happen in engine.py only; batch sources live in
-    sources.py only (no copied loop or source in the search, the growth methods or distributed.py)."""
+    sources.py only (no copied loop or source in the search, the growth methods or distributed.py). The one
+    other step: population.py's, every search draw at once on stacked tensors (gradients by autograd.grad)."""
     files = sorted(TRAIN.glob("*.py")) + [PACKAGE / "distributed.py", PACKAGE / "staged.py"]
     for attr in ("backward", "zero_grad", "make_optimizer"):
         where = {p.name: _calls(p, attr) for p in files if _calls(p, attr)}
         assert set(where) == {"engine.py"}, (attr, where)
-    assert {p.name for p in files if _calls(p, "step")} == {"engine.py"}  # optimizer steps, and the engine's own
+    # optimizer steps, and the engine's own; the population's stacked step
+    assert {p.name for p in files if _calls(p, "step")} == {"engine.py", "population.py"}
     classes = {p.name: [n.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)
                         and n.name.endswith("Source")] for p in files}
     assert {k: v for k, v in classes.items() if v} == {

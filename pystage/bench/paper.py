@@ -55,10 +55,11 @@ class Settings:
     width: int = 32
     seed: int = 0
     device: str = "cpu"
+    search_mode: str = "population"  # how each stage's draws train: "population" (all at once) or "sequential"
 
     def search(self) -> SearchConfig:
         return SearchConfig(draws=self.draws, lr=self.lr, weight_decay=self.weight_decay, halving=self.halving,
-                            seed=self.seed)
+                            seed=self.seed, mode=self.search_mode)
 
 
 @dataclass
@@ -329,8 +330,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=SearchConfig.lr, help="the search's start learning rate (Adam)")
     p.add_argument("--weight-decay", type=float, default=SearchConfig.weight_decay,
                    help="the search's start L2 regularisation")
-    p.add_argument("--no-halving", action="store_true",
-                   help="train every draw for all epochs, as the paper did (default: successive halving)")
+    p.add_argument("--halving", default="on", choices=["on", "off", "both"],
+                   help="successive halving (on, default), every draw trained for all epochs as the paper did "
+                   "(off), or both, one after the other")
+    p.add_argument("--no-halving", action="store_true", help="the same as --halving off")
+    p.add_argument("--search", default="population", choices=["population", "sequential", "both"],
+                   help="each stage's draws train at once (population, default), one at a time (sequential), or "
+                   "both, one after the other")
     p.add_argument("--sweeps", default="both", choices=["both", "shared", "independent"],
                    help="run the shared sweep, the independent one, or both (default; needed for the ratio)")
     p.add_argument("--schedule", default="interleaved", choices=["interleaved", "sequential"],
@@ -342,6 +348,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to train on (default cpu)")
     p.add_argument("--tmp", default=None, help="parent of the temporary stage caches and stores (default: system)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+
+
+def runs_of(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(table, search mode, halving) for every run the arguments ask for, in run order."""
+    tables = ["2", "3"] if args.table == "both" else [args.table]
+    searches = ["population", "sequential"] if args.search == "both" else [args.search]
+    halving = "off" if args.no_halving else args.halving
+    halvings = [True, False] if halving == "both" else [halving == "on"]
+    return [(t, s, h) for t in tables for s in searches for h in halvings]
+
+
+def search_times(results: list[dict[str, Any]], modes: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per run: its table, search mode, halving, and each sweep's time (the JSON's ``search_times``)."""
+    return [{"table": r["table"], "search": r["search"], "halving": "on" if r["halving"] else "off",
+             **{f"{m}_s": r[f"{m}_s"] for m in modes}} for r in results]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -358,17 +379,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: {args.data}, {len(train)} training rows, {len(val)} validation rows; "
           f"models: {', '.join(names)}; schedule: {args.schedule}")
     results = []
-    for table in (["2", "3"] if args.table == "both" else [args.table]):
+    for table, search, halving in runs_of(args):
         epochs, draws = TABLES[table]
         settings = Settings(epochs=args.epochs or epochs, draws=draws if args.draws is None else args.draws,
                             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                            halving=not args.no_halving, width=args.width, seed=args.seed, device=args.device)
+                            halving=halving, width=args.width, seed=args.seed, device=args.device,
+                            search_mode=search)
         sweeps = experiment(train, val, settings, names, modes, root=args.tmp,
                             interleave=args.schedule == "interleaved")
         main = sweeps.get("shared") or sweeps["independent"]
         how = "successive halving" if settings.halving else "every draw trained fully"
         print(f"\nTable {table}: results for the CNNs with {settings.epochs} epoch(s) and {settings.draws} "
-              f"hyper-parameter draws per stage ({how}, batch {settings.batch_size})")
+              f"hyper-parameter draws per stage ({how}, {search} search, batch {settings.batch_size})")
         print(paper_table(main, (sweeps.get("independent") or main).model_s))
         print()
         print(sharing_table(sweeps))
@@ -380,11 +402,17 @@ def run(args: argparse.Namespace) -> int:
                   f"{s['cpu_ratio']:.3f} CPU time; {s['macs_ratio']:.3f} of the stage MACs are not shared; "
                   f"same results in both sweeps: {s['same_results']}")
         results.append({"table": table, "epochs": settings.epochs, "draws": settings.draws,
-                        "halving": settings.halving, "width": settings.width, "batch_size": settings.batch_size,
-                        "schedule": args.schedule, **s, "models": model_records(sweeps)})
+                        "halving": settings.halving, "search": search, "width": settings.width,
+                        "batch_size": settings.batch_size, "schedule": args.schedule, **s,
+                        "models": model_records(sweeps)})
+    times = search_times(results, modes)
+    if len(results) > 1:
+        print("\nSweep times by table, search and halving (s)")
+        print(format_table(times, ["table", "search", "halving", *[f"{m}_s" for m in modes]]))
     payload: dict[str, Any] = {"benchmark": "paper", "environment": env, "data": args.data, "n_train": len(train),
                                "n_val": len(val), "seed": args.seed, **results[0]}
     if len(results) > 1:
-        payload["tables"] = results
+        payload["tables"] = results  # one entry per (table, search, halving) run
+        payload["search_times"] = times
     write_json(args.json, payload)
     return 0

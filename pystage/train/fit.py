@@ -211,7 +211,7 @@ class _Run:
         saved = nn.Sequential(body, head)
         key = stage_key(upstream=upstream, body=body, head=head, source=kind, features=_content(src, val_src, self),
                         store_dtype=str(self.store_dtype) if kind == "store" else None, config=asdict(self.config),
-                        search=asdict(self.search) if self.search else None, epochs=self.epochs,
+                        search=self.search.key() if self.search else None, epochs=self.epochs,
                         batch_size=self.batch_size, seed=self.seed)
         layers = f"{unit[0] + 1}" if len(unit) == 1 else f"{unit[0] + 1}-{unit[-1] + 1}"
         cap = StageCap.for_stage(self.device, self.plan if self.method.per_stage else None, k)  # budget enforced on CUDA
@@ -242,7 +242,8 @@ class _Run:
         if self.search is not None:
             configs = draw_configs(self.search, self.config, salt=key)
             best, trials = run_search(engine, configs, src, val_src, self.epochs, self.search.halving,
-                                      self.search.eta, measure=self.measure)
+                                      self.search.eta, measure=self.measure, mode=self.search.mode,
+                                      under_budget=self.plan is not None, forward=self.search.forward)
         else:
             best, trials = self._train_resumable(engine, saved, key, src, val_src), []
         measured = best.stats.measured_peak
