@@ -22,6 +22,8 @@ JOBS = {
     "store": ("pystage.bench.store", "feature store: shuffled streaming read vs raw read, write speed, RAM"),
     "plan": ("pystage.bench.plan", "memory planner: split points under a budget; --verify measures each stage's peak"),
     "paper": ("pystage.bench.paper", "the partial-learning paper's CNN1-CNN8 sweep, shared vs independent prefixes"),
+    "search": ("pystage.bench.search", "a stage's lr/L2 search: every draw at once (population) vs one at a time vs "
+               "one draw"),
     "repro": ("pystage.bench.repro", "growing-network reproductions: sine (capacity), lookahead, pathways"),
 }
 DEFAULT_JOB = "budget"
