@@ -37,11 +37,12 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& wf, const c10::o
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& g, const at::Tensor& x,
                                                                       const at::Tensor& wt, int64_t split,
-                                                                      int64_t out_frozen) {
+                                                                      int64_t out_frozen, int64_t path = 0) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pystage::masked_linear_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, std::array<bool, 3>)>();
-  return op.call(g, x, wt, split, out_frozen, {true, true, true});
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, std::array<bool, 3>,
+                           int64_t)>();
+  return op.call(g, x, wt, split, out_frozen, {true, true, true}, path);
 }
 
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& wt, int64_t split, int64_t out) {
