@@ -8,11 +8,20 @@
 //   dW[o, c, i, j] = sum_{b,h,w} gy[b, o, h, w] * xpad[b, c, h + i, w + j]   (o < T, c < in_active)
 //   dX[b, c, h, w] = sum_{o,i,j} w[o, c, i, j] * gy[b, o, h + ph - i, w + pw - j]   (c in [in_split, in_active))
 // with 8-wide vectors along w; each plane of x is read once per channel.
+//
+// dW is register-blocked over output units: for one tap row i, a row of x is loaded once per vector (KW
+// unaligned loads) and multiplied into the gradients of OB units at once, OB * KW accumulators held in
+// registers. Per vector of output that is KW + OB loads for OB * KW FMAs instead of 1 + KH * KW loads for
+// KH * KW FMAs one unit at a time: the kernel stops being bound by loads. OB is 4 with AVX2's 16 vector
+// registers and 8 where AVX-512VL gives the same 8-wide code 32 registers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -41,21 +50,28 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 #define PYSTAGE_AVX2
 #endif
 
-// acc[i*KW+j] += sum over the plane of g[h][w] * xp[h+i][w+j]; g has rows of gw floats, xp rows of xw floats.
+// Units o < OB, tap row i: acc[(o*KH + i)*KW + j] += g_o[h][w] * xp[h+i][w+j] summed over the plane (rows x gw,
+// gw % 8 == 0). g_o = g + o * g_unit; xp has rows of xw floats. acc holds vectors; they are summed at the end.
 #define PYSTAGE_PLANE_WGRAD_BODY                                                  \
-  vf acc[KH * KW];                                                                \
-  for (int k = 0; k < KH * KW; ++k) acc[k] = vf{};                                \
-  for (int64_t h = 0; h < rows; ++h) {                                            \
-    const float* grow = g + h * gw;                                               \
-    for (int64_t w0 = 0; w0 < gw; w0 += V) {                                      \
-      vf gv = loadu(grow + w0);                                                   \
-      for (int i = 0; i < KH; ++i) {                                              \
-        const float* xr = xp + (h + i) * xw + w0;                                 \
-        for (int j = 0; j < KW; ++j) acc[i * KW + j] += gv * loadu(xr + j);       \
+  for (int i = 0; i < KH; ++i) {                                                  \
+    vf a[OB][KW];                                                                 \
+    for (int o = 0; o < OB; ++o)                                                  \
+      for (int j = 0; j < KW; ++j) a[o][j] = acc[(o * KH + i) * KW + j];          \
+    for (int64_t h = 0; h < rows; ++h) {                                          \
+      const float* xr = xp + (h + i) * xw;                                        \
+      const float* gr = g + h * gw;                                               \
+      for (int64_t w0 = 0; w0 < gw; w0 += V) {                                    \
+        vf xv[KW];                                                                \
+        for (int j = 0; j < KW; ++j) xv[j] = loadu(xr + w0 + j);                  \
+        for (int o = 0; o < OB; ++o) {                                            \
+          const vf gv = loadu(gr + o * g_unit + w0);                              \
+          for (int j = 0; j < KW; ++j) a[o][j] += gv * xv[j];                     \
+        }                                                                         \
       }                                                                           \
     }                                                                             \
-  }                                                                               \
-  for (int k = 0; k < KH * KW; ++k) out[k] += hsum(acc[k]);
+    for (int o = 0; o < OB; ++o)                                                  \
+      for (int j = 0; j < KW; ++j) acc[(o * KH + i) * KW + j] = a[o][j];          \
+  }
 
 // out[h][w0..w0+8) = sum_{o,i,j} wf[o][i][j] * gp[o][h+i][w+j] over one output plane (rows x ow, ow % 8 == 0).
 #define PYSTAGE_PLANE_XGRAD_BODY                                                  \
@@ -76,12 +92,24 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
     }                                                                             \
   }
 
-template <int KH, int KW>
-void plane_wgrad_generic(const float* g, int64_t rows, int64_t gw, const float* xp, int64_t xw, float* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PYSTAGE_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#else
+#define PYSTAGE_AVX512
+#endif
+
+template <int KH, int KW, int OB>
+void plane_wgrad_generic(const float* g, int64_t g_unit, int64_t rows, int64_t gw, const float* xp, int64_t xw, vf* acc) {
   PYSTAGE_PLANE_WGRAD_BODY
 }
-template <int KH, int KW>
-PYSTAGE_AVX2 void plane_wgrad_avx2(const float* g, int64_t rows, int64_t gw, const float* xp, int64_t xw, float* out) {
+template <int KH, int KW, int OB>
+PYSTAGE_AVX2 void plane_wgrad_avx2(const float* g, int64_t g_unit, int64_t rows, int64_t gw, const float* xp,
+                                   int64_t xw, vf* acc) {
+  PYSTAGE_PLANE_WGRAD_BODY
+}
+template <int KH, int KW, int OB>
+PYSTAGE_AVX512 void plane_wgrad_avx512(const float* g, int64_t g_unit, int64_t rows, int64_t gw, const float* xp,
+                                       int64_t xw, vf* acc) {
   PYSTAGE_PLANE_WGRAD_BODY
 }
 template <int KH, int KW>
@@ -105,10 +133,56 @@ inline bool use_avx2() {
 #endif
 }
 
+// AVX-512F + VL (the 8-wide code with 32 vector registers), checked once.
+inline bool use_avx512() {
+#if PYSTAGE_HAS_AVX2_CLONE
+  static const bool ok = use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Instruction set of the dW kernels: 2 AVX-512VL, 1 AVX2+FMA, 0 generic; the CPU's best unless
+// PYSTAGE_CONV_DIRECT_ISA (avx2, generic) asks for less (to test and time each variant).
+int isa_level() {
+  const int best = use_avx512() ? 2 : (use_avx2() ? 1 : 0);
+  const char* env = std::getenv("PYSTAGE_CONV_DIRECT_ISA");
+  if (env == nullptr) return best;
+  const std::string want(env);
+  return std::min(best, want == "generic" ? 0 : (want == "avx2" ? 1 : 2));
+}
+
+// Units per register block: accumulators (OB * KW) + KW x vectors + 1 gradient vector fit the register file.
+template <int KW>
+int max_block(int isa) {
+  const int regs = isa == 2 ? 32 : 16;
+  const int ob = (regs - KW - 1) / KW;
+  return ob < 1 ? 1 : (ob > 8 ? 8 : ob);
+}
+
+template <int KH, int KW, int OB>
+void plane_wgrad_isa(int isa, const float* g, int64_t g_unit, int64_t rows, int64_t gw, const float* xp, int64_t xw,
+                     vf* acc) {
+  if (isa == 2) plane_wgrad_avx512<KH, KW, OB>(g, g_unit, rows, gw, xp, xw, acc);
+  else if (isa == 1) plane_wgrad_avx2<KH, KW, OB>(g, g_unit, rows, gw, xp, xw, acc);
+  else plane_wgrad_generic<KH, KW, OB>(g, g_unit, rows, gw, xp, xw, acc);
+}
+
+// Units [0, n) of one plane pair, n <= 8, as one register block.
 template <int KH, int KW>
-void plane_wgrad(const float* g, int64_t rows, int64_t gw, const float* xp, int64_t xw, float* out) {
-  if (use_avx2()) plane_wgrad_avx2<KH, KW>(g, rows, gw, xp, xw, out);
-  else plane_wgrad_generic<KH, KW>(g, rows, gw, xp, xw, out);
+void plane_wgrad(int isa, int n, const float* g, int64_t g_unit, int64_t rows, int64_t gw, const float* xp, int64_t xw,
+                 vf* acc) {
+  switch (n) {
+    case 1: return plane_wgrad_isa<KH, KW, 1>(isa, g, g_unit, rows, gw, xp, xw, acc);
+    case 2: return plane_wgrad_isa<KH, KW, 2>(isa, g, g_unit, rows, gw, xp, xw, acc);
+    case 3: return plane_wgrad_isa<KH, KW, 3>(isa, g, g_unit, rows, gw, xp, xw, acc);
+    case 4: return plane_wgrad_isa<KH, KW, 4>(isa, g, g_unit, rows, gw, xp, xw, acc);
+    case 5: return plane_wgrad_isa<KH, KW, 5>(isa, g, g_unit, rows, gw, xp, xw, acc);
+    case 6: return plane_wgrad_isa<KH, KW, 6>(isa, g, g_unit, rows, gw, xp, xw, acc);
+    case 7: return plane_wgrad_isa<KH, KW, 7>(isa, g, g_unit, rows, gw, xp, xw, acc);
+    default: return plane_wgrad_isa<KH, KW, 8>(isa, g, g_unit, rows, gw, xp, xw, acc);
+  }
 }
 
 template <int KH, int KW>
@@ -125,27 +199,33 @@ struct Geometry {
 template <int KH, int KW>
 void weight_grad(const Geometry& g, const float* gy, const float* x, int64_t T, int64_t in_active, float* gw_out) {
   const int64_t wr = round_up(g.Wo, V), xw = wr + KW - 1, xh = g.Ho + KH - 1;
+  const int64_t unit = g.Ho * wr;  // floats between two units' planes in gp
   // gy padded to whole vectors: (B, T, Ho, wr), zeros beyond Wo.
-  std::vector<float> gp(static_cast<size_t>(g.B * T * g.Ho * wr), 0.f);
+  std::vector<float> gp(static_cast<size_t>(g.B * T * unit), 0.f);
   at::parallel_for(0, g.B * T, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p)
       for (int64_t h = 0; h < g.Ho; ++h)
         std::memcpy(&gp[(p * g.Ho + h) * wr], gy + (p * g.Ho + h) * g.Wo, sizeof(float) * g.Wo);
   });
-  std::memset(gw_out, 0, sizeof(float) * T * in_active * KH * KW);
+  const int isa = isa_level(), ob = max_block<KW>(isa);
   at::parallel_for(0, in_active, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> xp(static_cast<size_t>(xh * xw), 0.f);  // one padded x plane; borders stay zero
-    std::vector<float> acc(static_cast<size_t>(T * KH * KW));
+    std::vector<float> acc_buf(static_cast<size_t>((T * KH * KW + 1) * V));  // vector accumulators, every unit/tap
+    vf* acc = reinterpret_cast<vf*>((reinterpret_cast<uintptr_t>(acc_buf.data()) + 31) & ~uintptr_t(31));
     for (int64_t c = c0; c < c1; ++c) {
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc, acc + T * KH * KW, vf{});
       for (int64_t b = 0; b < g.B; ++b) {
         const float* plane = x + (b * g.C + c) * g.H * g.W;
         for (int64_t r = 0; r < g.H; ++r) std::memcpy(&xp[(r + g.ph) * xw + g.pw], plane + r * g.W, sizeof(float) * g.W);
-        for (int64_t o = 0; o < T; ++o)
-          plane_wgrad<KH, KW>(&gp[(b * T + o) * g.Ho * wr], g.Ho, wr, xp.data(), xw, &acc[o * KH * KW]);
+        for (int64_t o = 0; o < T; o += ob) {
+          const int n = static_cast<int>(std::min<int64_t>(ob, T - o));
+          plane_wgrad<KH, KW>(isa, n, &gp[(b * T + o) * unit], unit, g.Ho, wr, xp.data(), xw, acc + o * KH * KW);
+        }
       }
-      for (int64_t o = 0; o < T; ++o)
-        std::memcpy(gw_out + (o * in_active + c) * KH * KW, &acc[o * KH * KW], sizeof(float) * KH * KW);
+      for (int64_t k = 0; k < T * KH * KW; ++k) {
+        const int64_t o = k / (KH * KW), tap = k % (KH * KW);
+        gw_out[(o * in_active + c) * KH * KW + tap] = hsum(acc[k]);
+      }
     }
   });
 }
