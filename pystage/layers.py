@@ -82,6 +82,12 @@ class _MaskedLayer(nn.Module):
                 bound = 1 / math.sqrt(fan_in)
                 bias.uniform_(-bound, bound)
 
+    def _full_width(self, x: Tensor, w: Tensor, fw: Tensor) -> bool:
+        """Every unit active and trainable, and dX wanted for every input or none: the layer is its dense self."""
+        if fw.shape[0] != 0 or w.shape[0] != self._n_out or w.shape[1] != self._n_in:
+            return False
+        return fw.shape[1] == 0 or not (x.requires_grad and torch.is_grad_enabled())  # in_split > 0: no dX below it
+
     def _frozen_padded(self, width: int) -> Tensor:
         """Frozen weights with zero columns appended up to ``width`` inputs (rule 2: older units ignore newer inputs)."""
         fw = self.frozen_weight
@@ -218,13 +224,16 @@ class MaskedLinear(_MaskedLayer):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"MaskedLinear expects inputs with last dim in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
+        w, fw = self.weight, self.frozen_weight  # one module lookup each: this runs every step
+        if self._full_width(x, w, fw):  # nothing frozen, nothing inactive: exactly the dense layer
+            return F.linear(x, w, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()  # (B, in)
-        if self.trainable_units == 0:
+        if w.shape[0] == 0:
             y = self._frozen_forward(x2)
         else:
-            y = ops.masked_linear(x2, self.frozen_weight, self.frozen_bias, self.weight, self.bias,
-                                  self.in_split, self.out_features, *self._step_args())
+            y = ops.masked_linear(x2, fw, self.frozen_bias, w, self.bias, fw.shape[1], self.out_features,
+                                  *self._step_args())
         return y.reshape(*lead, self.out_features)
 
     def _frozen_forward(self, x: Tensor) -> Tensor:
@@ -295,11 +304,14 @@ class MaskedConv2d(_MaskedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"MaskedConv2d expects (batch, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        w, fw = self.weight, self.frozen_weight  # one module lookup each: this runs every step
+        if self._full_width(x, w, fw):  # nothing frozen, nothing inactive: exactly the dense layer
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
         x = x.contiguous()
-        if self.trainable_units == 0:
+        if w.shape[0] == 0:
             return self._frozen_forward(x)
-        return ops.masked_conv2d(x, self.frozen_weight, self.frozen_bias, self.weight, self.bias, self.in_split,
-                                 self.out_channels, self.stride, self.padding, self.dilation, *self._step_args())
+        return ops.masked_conv2d(x, fw, self.frozen_bias, w, self.bias, fw.shape[1], self.out_channels, self.stride,
+                                 self.padding, self.dilation, *self._step_args())
 
     def _frozen_forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():

@@ -207,7 +207,7 @@ def _train(make, path: str, steps=3):
             (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
             opt.step()
             grads.append(x.grad)
-        assert {d.path for d in A.decisions()} == {path}
+        assert {d.path for d in A.decisions()} <= {path}  # at full width the layer is the dense call: no decision
     return layer, frozen, grads
 
 
