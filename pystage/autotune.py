@@ -33,8 +33,8 @@ PATH_NAMES = {MASKED: "masked", DENSE: "dense", FUSED_BIAS: "masked+fused-bias"}
 # A timer runs ``fn`` (one backward on one path) and returns its time in ms; injected by tests.
 Timer = Callable[[str, Callable[[], object], torch.device], float]
 
-# Heuristic on CUDA: below this dense backward FLOP count a layer is launch-bound (a few kernels of ~10 us).
-CUDA_MIN_DENSE_FLOPS = 4e9
+# Heuristic on CUDA: below this many multiply-adds in a dense backward a layer is launch-bound (kernels of ~10 us).
+CUDA_MIN_DENSE_MACS = 4e9
 # ... and the masked path must skip at least this fraction of the dense FLOPs to be worth its extra launches.
 CUDA_MIN_SAVING = 0.5
 
@@ -149,13 +149,13 @@ def heuristic(op: str, device: torch.device, grad_shape: Sequence[int], x_shape:
 
     CPU: masked (the CPU kernels win at every shape measured in bench/RESULTS.md, and at full width the
     masked path is the dense call). CUDA: masked when the layer is big enough not to be launch-bound
-    (dense backward >= ``CUDA_MIN_DENSE_FLOPS`` multiply-adds) and the masked path skips at least
+    (dense backward >= ``CUDA_MIN_DENSE_MACS`` multiply-adds) and the masked path skips at least
     ``CUDA_MIN_SAVING`` of them; dense otherwise.
     """
     if device.type != "cuda":
         return MASKED
     dense, masked = _flops(grad_shape, x_shape, w_shape, in_split, output_mask)
-    if dense >= CUDA_MIN_DENSE_FLOPS and masked <= (1 - CUDA_MIN_SAVING) * dense:
+    if dense >= CUDA_MIN_DENSE_MACS and masked <= (1 - CUDA_MIN_SAVING) * dense:
         return MASKED
     return DENSE
 

@@ -114,7 +114,7 @@ def _masked_backward(masked: nn.Module, x: Tensor, device: str, repeats: int) ->
     ms = _backward_ms(masked, x, device, repeats)
     decisions = autotune.decisions()
     if not decisions:
-        return ms, {"path": "none", "tuned": False}
+        return ms, {"path": "full-width", "tuned": False}  # the layer ran the dense call: nothing to tune
     d = decisions[-1]
     info = {"path": d.path, "tuned": d.measured}
     info.update({f"tuned_{name.replace('+', '_').replace('-', '_')}_ms": v for name, v in d.times_ms.items()})
