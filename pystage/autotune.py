@@ -10,7 +10,9 @@ Candidates (csrc/masked_backward.h): ``masked`` (least work), ``dense`` (the den
 then the frozen part discarded) and, for linear layers on CUDA whose bias gradient is wanted,
 ``masked+fused-bias`` (the bias gradient folded into the weight-gradient GEMM by cuBLASLt).
 
-Measuring off (``set_autotune(False)`` or ``PYSTAGE_AUTOTUNE=0``): :func:`heuristic` decides.
+Measuring off (``set_autotune(False)`` or ``PYSTAGE_AUTOTUNE=0``), and under
+``torch.use_deterministic_algorithms(True)`` (a measured choice can differ from run to run, and the paths
+round differently): :func:`heuristic` decides.
 """
 from __future__ import annotations
 
@@ -203,14 +205,15 @@ def _pick(op: str, grad_out: Tensor, x: Tensor, w_train: Tensor, in_split: int, 
         return guess, False
     times: dict[int, float] = {}
     path = guess
-    if _state.enabled:
+    measure = _state.enabled and not torch.are_deterministic_algorithms_enabled()
+    if measure:
         paths = candidates(op, device, mask)
         times = _measure(op, args, paths, device)
         path = min(paths, key=lambda p: times[p])  # min keeps the first of equal times: masked
     _state.decisions.append(Decision(
         op=op, device=str(device), dtype=x.dtype, grad_shape=tuple(grad_out.shape), x_shape=tuple(x.shape),
         w_shape=tuple(w_train.shape), in_split=in_split, out_frozen=out_frozen, output_mask=mask,
-        path=PATH_NAMES[path], measured=_state.enabled, times_ms={PATH_NAMES[p]: t for p, t in times.items()}))
+        path=PATH_NAMES[path], measured=measure, times_ms={PATH_NAMES[p]: t for p, t in times.items()}))
     return path, True
 
 

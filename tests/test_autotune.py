@@ -117,6 +117,23 @@ def test_autotune_off_uses_the_heuristic_and_never_measures():
     assert d.path == "masked"  # the CPU heuristic
 
 
+def test_deterministic_mode_does_not_measure():
+    """Measured choices can differ between runs: deterministic algorithms get the heuristic's fixed choice."""
+    def refuse(name, fn, device):
+        raise AssertionError("measured in deterministic mode")
+
+    layer = _conv()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with A.using_timer(refuse):
+            _backward(layer, _x(layer))
+            (d,) = A.decisions()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert not d.measured and d.path == "masked"
+
+
 def test_switching_autotune_forgets_picked_paths():
     layer = _linear()
     with A.using_timer(FakeTimer(dense=1.0)):
