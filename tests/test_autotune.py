@@ -171,6 +171,26 @@ def test_a_path_out_of_memory_is_not_picked():
     assert d.path == "masked" and d.times_ms["dense"] == float("inf")
 
 
+def test_a_failing_alternative_is_not_picked_but_a_failing_masked_path_raises():
+    def dense_fails(name, fn, device):
+        if name == "dense":
+            raise RuntimeError("cuDNN: no algorithm")
+        return 5.0
+
+    layer = _linear()
+    with A.using_timer(dense_fails):
+        _backward(layer, _x(layer))
+        assert A.decisions()[0].path == "masked"
+
+    def masked_fails(name, fn, device):
+        if name == "masked":
+            raise RuntimeError("broken kernel")
+        return 5.0
+
+    with A.using_timer(masked_fails), pytest.raises(RuntimeError, match="broken kernel"):
+        _backward(layer, _x(layer))
+
+
 def test_no_measuring_under_a_dispatch_mode():
     """Under FakeTensorMode-like tracing or FlopCounterMode, ops cannot be timed: masked path, nothing cached."""
     from torch.utils.flop_counter import FlopCounterMode
