@@ -6,8 +6,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace pystage {
 
@@ -59,7 +62,71 @@ inline void check_bias(const c10::optional<at::Tensor>& b, const char* name, int
   check_contiguous(*b, name);
 }
 
-// Index tensors of the general (gather/scatter) path.
+// Index tensors of the general (gather/scatter) path. Layout checks run every call (free: metadata only);
+// the value checks (range, no repeats) read the indices on the host, which for a CUDA index is a blocking
+// device-to-host copy. They run once per index tensor and version (validated_indices() remembers it), so a
+// mask that stays the same costs no sync per step; changing it in place (a new version) re-validates.
+inline void check_index_values(const at::Tensor& idx, const char* name, int64_t limit) {
+  auto host = idx.to(at::kCPU);  // one copy instead of min/max/sort syncs
+  const int64_t* p = host.const_data_ptr<int64_t>();
+  std::vector<bool> seen(static_cast<size_t>(std::max<int64_t>(limit, 0)), false);
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  TORCH_CHECK(lo >= 0 && hi < limit, "pystage: ", name, " holds unit indices in [", lo, ", ", hi,
+              "] but they must lie in [0, ", limit - 1, "]");
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    TORCH_CHECK(!seen[p[i]], "pystage: ", name, " holds repeated unit indices (", p[i],
+                " appears twice); each unit may appear once");
+    seen[p[i]] = true;
+  }
+}
+
+// Index tensors whose values were checked: the tensor (weakly held, so a freed tensor never matches a new
+// one at the same address), its version, data pointer and the limit it was checked against.
+class ValidatedIndices {
+ public:
+  bool contains(const at::Tensor& idx, int64_t limit) {
+    if (!cacheable(idx)) return false;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& e : entries_) {
+      if (e.limit == limit && e.version == idx._version() && e.data == idx.const_data_ptr() &&
+          e.impl.lock().get() == idx.unsafeGetTensorImpl())
+        return true;
+    }
+    return false;
+  }
+  void add(const at::Tensor& idx, int64_t limit) {
+    if (!cacheable(idx)) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (entries_.size() >= kMax) entries_.erase(entries_.begin());
+    entries_.push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                            idx.getIntrusivePtr()),
+                        idx._version(), idx.const_data_ptr(), limit});
+  }
+
+ private:
+  static bool cacheable(const at::Tensor& idx) {  // inference tensors have no version counter
+    return !idx.is_inference() && (idx.is_cpu() || idx.is_cuda());
+  }
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+    int64_t version;
+    const void* data;
+    int64_t limit;
+  };
+  static constexpr size_t kMax = 64;
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+};
+
+inline ValidatedIndices& validated_indices() {
+  static ValidatedIndices cache;
+  return cache;
+}
+
 inline void check_index(const at::Tensor& idx, const char* name, int64_t limit, const at::Tensor& ref, bool allow_empty) {
   check_rank(idx, name, 1, "(n,) of unit indices");
   TORCH_CHECK(idx.scalar_type() == at::kLong, "pystage: ", name, " must be int64 (torch.long), got ", idx.scalar_type());
@@ -67,14 +134,9 @@ inline void check_index(const at::Tensor& idx, const char* name, int64_t limit, 
   check_contiguous(idx, name);
   TORCH_CHECK(allow_empty || idx.numel() > 0, "pystage: ", name,
               " is empty: the trainable set must hold at least one unit (use a fully frozen forward instead)");
-  if (idx.numel() == 0) return;
-  auto lo = idx.min().item<int64_t>();
-  auto hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < limit, "pystage: ", name, " holds unit indices in [", lo, ", ", hi,
-              "] but they must lie in [0, ", limit - 1, "]");
-  auto sorted = std::get<0>(idx.sort());
-  TORCH_CHECK(sorted.numel() < 2 || (sorted.slice(0, 1) != sorted.slice(0, 0, -1)).all().item<bool>(), "pystage: ",
-              name, " holds repeated unit indices; each unit may appear once");
+  if (idx.numel() == 0 || validated_indices().contains(idx, limit)) return;
+  check_index_values(idx, name, limit);
+  validated_indices().add(idx, limit);
 }
 
 }  // namespace pystage

@@ -1,4 +1,5 @@
-// Masked partial-gradient linear and conv2d, written once for every device.
+// Masked partial-gradient linear and conv2d, written once for every device: argument checks and forward
+// (backward: masked_backward.h).
 //
 // Layout of a masked layer (see DESIGN.md, "Masked partial-gradient layers"):
 //   output units [0, F)        frozen: read inputs [0, in_split), weights w_frozen (F, in_split)
@@ -9,6 +10,8 @@
 //
 // Backward therefore costs (per output element) T * in_active for dW plus
 // T * (in_active - in_split) for dX, instead of 2 * out * in for a dense layer.
+//
+// At full width (no frozen units, every unit trainable and active) the forward is exactly the dense call.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -120,47 +123,6 @@ inline at::Tensor masked_linear_forward(const DeviceKernels&, const at::Tensor& 
   return y;
 }
 
-inline void check_backward_common(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_train,
-                                  int64_t in_split, int64_t out_frozen) {
-  check_same(grad_out, "grad_out", x, "x");
-  check_same(w_train, "w_train", x, "x");
-  check_contiguous(grad_out, "grad_out");
-  check_contiguous(x, "x");
-  check_contiguous(w_train, "w_train");
-  TORCH_CHECK(w_train.size(0) > 0, "pystage: w_train has 0 rows: nothing is trainable, backward has nothing to compute");
-  check_range(w_train.size(1), "w_train.size(1) (active inputs)", 1, x.size(1), "inputs of x the trainable units read");
-  check_range(in_split, "in_split", 0, w_train.size(1), "first input unit that is trainable in the layer below");
-  check_range(out_frozen, "out_frozen", 0, grad_out.size(1) - 1, "frozen output units before the trainable block");
-  check_range(out_frozen + w_train.size(0), "out_frozen + trainable units", 1, grad_out.size(1),
-              "at most the output width of grad_out");
-  check_dim_size(grad_out, "grad_out", 0, x.size(0), "one gradient row per sample of x");
-}
-
-// Returns (grad_x, grad_w_train, grad_b_train); an entry whose output_mask bit is off is an empty tensor.
-inline Grads masked_linear_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
-                                    const at::Tensor& w_train, int64_t in_split, int64_t out_frozen,
-                                    std::array<bool, 3> mask) {
-  check_rank(grad_out, "grad_out", 2, "(batch, out_features)");
-  check_rank(x, "x", 2, "(batch, in_features)");
-  check_rank(w_train, "w_train", 2, "(trainable_units, in_active)");
-  check_backward_common(grad_out, x, w_train, in_split, out_frozen);
-  const int64_t T = w_train.size(0), in_active = w_train.size(1), n_in = in_active - in_split;
-  auto gy = grad_out.narrow(1, out_frozen, T);  // (B, T), row stride = out_features
-  at::Tensor gx, gw, gb;
-  if (mask[0]) {
-    gx = at::empty_like(x);
-    if (in_split > 0) gx.narrow(1, 0, in_split).zero_();
-    if (n_in > 0) {
-      auto gx_in = gx.narrow(1, in_split, n_in);  // (B, n_in), written in place
-      at::mm_out(gx_in, gy, w_train.narrow(1, in_split, n_in));
-    }
-    if (in_active < x.size(1)) gx.narrow(1, in_active, x.size(1) - in_active).zero_();
-  }
-  if (mask[1]) gw = at::mm(gy.t(), x.narrow(1, 0, in_active));  // (T, in_active)
-  if (mask[2]) gb = k.bias_grad(grad_out, out_frozen, T);
-  return pack_grads(x, mask, gx, gw, gb);
-}
-
 struct ConvArgs {
   at::IntArrayRef stride, padding, dilation;
 };
@@ -208,54 +170,6 @@ inline at::Tensor masked_conv2d_forward(const DeviceKernels&, const at::Tensor& 
   y.narrow(1, s.frozen, s.trainable).copy_(yt);
   if (active < out_channels) y.narrow(1, active, out_channels - active).zero_();
   return y;
-}
-
-inline Grads masked_conv2d_backward(const DeviceKernels& k, const at::Tensor& grad_out, const at::Tensor& x,
-                                    const at::Tensor& w_train, int64_t in_split, int64_t out_frozen, const ConvArgs& c,
-                                    std::array<bool, 3> mask) {
-  check_rank(grad_out, "grad_out", 4, "(batch, out_channels, height, width)");
-  check_rank(x, "x", 4, "(batch, channels, height, width)");
-  check_rank(w_train, "w_train", 4, "(trainable_units, in_active, kh, kw)");
-  check_conv_args(c);
-  check_backward_common(grad_out, x, w_train, in_split, out_frozen);
-  for (int d = 0; d < 2; ++d) {
-    const int64_t k = w_train.size(2 + d), expect = (x.size(2 + d) + 2 * c.padding[d] - c.dilation[d] * (k - 1) - 1) / c.stride[d] + 1;
-    check_dim_size(grad_out, "grad_out", 2 + d, expect, "the conv output size for x, the kernel and stride/padding/dilation");
-  }
-  const int64_t T = w_train.size(0), in_active = w_train.size(1), n_in = in_active - in_split;
-  auto gy = grad_out.narrow(1, out_frozen, T);
-  // (B, T, Ho, Wo); empty + copy_ is several times faster here than .contiguous() on a channel slice
-  if (out_frozen > 0 || T < grad_out.size(1)) gy = at::empty(gy.sizes(), gy.options()).copy_(gy);
-  at::Tensor gx, gw, gb;
-  const std::vector<int64_t> out_pad{0, 0};
-  if (mask[2]) gb = k.bias_grad(gy, out_frozen > 0 || T < grad_out.size(1) ? 0 : out_frozen, T);  // contiguous gy
-  if (k.conv2d_grads_direct && (mask[0] || mask[1])) {  // few trainable units: skip oneDNN's fixed costs
-    at::Tensor dx, dw;  // allocated by the kernel when it applies
-    if (k.conv2d_grads_direct(gy, x, w_train, in_split, c.stride, c.padding, c.dilation, mask[0] ? &dx : nullptr,
-                              mask[1] ? &dw : nullptr)) {
-      return pack_grads(x, mask, dx, dw, gb);
-    }
-  }
-  if (mask[1]) {
-    gw = std::get<1>(at::convolution_backward(gy, x.narrow(1, 0, in_active), w_train, c10::nullopt, c.stride, c.padding,
-                                              c.dilation, false, out_pad, 1, {false, true, false}));
-  }
-  if (mask[0]) {
-    if (n_in == x.size(1)) {  // every input trainable: write grad_x directly
-      gx = std::get<0>(at::convolution_backward(gy, x, w_train, c10::nullopt, c.stride, c.padding, c.dilation, false,
-                                                out_pad, 1, {true, false, false}));
-    } else {
-      gx = at::zeros_like(x);
-      if (n_in > 0) {
-        auto w_in = w_train.narrow(1, in_split, n_in);
-        w_in = at::empty(w_in.sizes(), w_in.options()).copy_(w_in);
-        auto gxi = std::get<0>(at::convolution_backward(gy, x.narrow(1, in_split, n_in), w_in, c10::nullopt, c.stride,
-                                                        c.padding, c.dilation, false, out_pad, 1, {true, false, false}));
-        gx.narrow(1, in_split, n_in).copy_(gxi);
-      }
-    }
-  }
-  return pack_grads(x, mask, gx, gw, gb);
 }
 
 }  // namespace pystage

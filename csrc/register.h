@@ -4,6 +4,7 @@
 
 #include <torch/library.h>
 
+#include "masked_backward.h"
 #include "masked_indexed.h"
 
 namespace pystage {
@@ -26,8 +27,8 @@ struct Bound {
     return masked_linear_forward(K(), x, wf, bf, wt, bt, in_split, out, frozen_rows, frozen_cols);
   }
   static Grads linear_bw(const at::Tensor& g, const at::Tensor& x, const at::Tensor& wt, int64_t in_split,
-                         int64_t out_frozen, std::array<bool, 3> mask) {
-    return masked_linear_backward(K(), g, x, wt, in_split, out_frozen, mask);
+                         int64_t out_frozen, std::array<bool, 3> mask, int64_t path) {
+    return masked_linear_backward(K(), g, x, wt, in_split, out_frozen, mask, path);
   }
   static at::Tensor conv2d(const at::Tensor& x, const at::Tensor& wf, const c10::optional<at::Tensor>& bf,
                            const at::Tensor& wt, const c10::optional<at::Tensor>& bt, int64_t in_split, int64_t out,
@@ -38,8 +39,8 @@ struct Bound {
   }
   static Grads conv2d_bw(const at::Tensor& g, const at::Tensor& x, const at::Tensor& wt, int64_t in_split,
                          int64_t out_frozen, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                         std::array<bool, 3> mask) {
-    return masked_conv2d_backward(K(), g, x, wt, in_split, out_frozen, {stride, padding, dilation}, mask);
+                         std::array<bool, 3> mask, int64_t path) {
+    return masked_conv2d_backward(K(), g, x, wt, in_split, out_frozen, {stride, padding, dilation}, mask, path);
   }
   static at::Tensor linear_ix(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                               const at::Tensor& wt, const c10::optional<at::Tensor>& bt, const at::Tensor& out_index,

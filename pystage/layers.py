@@ -24,19 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pystage import ops
+from pystage.layer_errors import GrowthError, LayerArgumentError, check_bool, check_int, int_pair
 
 _IntPair = Union[int, Sequence[int]]
-
-
-class GrowthError(ValueError):
-    """A growth or freeze request that the layer cannot satisfy; carries the numbers."""
-
-
-def _pair(v: _IntPair, name: str) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) for i in t):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t  # type: ignore[return-value]
+__all__ = ["GrowthError", "LayerArgumentError", "MaskedConv2d", "MaskedLinear", "grow_chain"]
 
 
 class _MaskedLayer(nn.Module):
@@ -47,14 +38,11 @@ class _MaskedLayer(nn.Module):
 
     def _init_blocks(self, n_out: int, n_in: int, units: Optional[int], inputs: Optional[int],
                      trainable_inputs: int, bias: bool, factory: dict) -> None:
-        units = n_out if units is None else units
-        inputs = n_in if inputs is None else inputs
-        if not 1 <= units <= n_out:
-            raise GrowthError(f"units must be in [1, {n_out}] (the layer's width), got {units}")
-        if not 1 <= inputs <= n_in:
-            raise GrowthError(f"inputs must be in [1, {n_in}] (the layer's input width), got {inputs}")
-        if not 0 <= trainable_inputs <= inputs:
-            raise GrowthError(f"trainable_inputs must be in [0, {inputs}] (active inputs), got {trainable_inputs}")
+        name = type(self).__name__
+        units = n_out if units is None else check_int(name, "units", units, 1, n_out, "the layer's width")
+        inputs = n_in if inputs is None else check_int(name, "inputs", inputs, 1, n_in, "the layer's input width")
+        trainable_inputs = check_int(name, "trainable_inputs", trainable_inputs, 0, inputs, "active inputs")
+        bias = check_bool(name, "bias", bias)
         self._steps: list[tuple[int, int]] = []  # frozen growth steps: (cumulative units, inputs they read)
         self.register_buffer("frozen_weight", torch.empty(self._wshape(0, inputs - trainable_inputs), **factory))
         self.register_buffer("frozen_bias", torch.empty(0, **factory) if bias else None)
@@ -93,6 +81,12 @@ class _MaskedLayer(nn.Module):
             if bias is not None:
                 bound = 1 / math.sqrt(fan_in)
                 bias.uniform_(-bound, bound)
+
+    def _full_width(self, x: Tensor, w: Tensor, fw: Tensor) -> bool:
+        """Every unit active and trainable, and dX wanted for every input or none: the layer is its dense self."""
+        if fw.shape[0] != 0 or w.shape[0] != self._n_out or w.shape[1] != self._n_in:
+            return False
+        return fw.shape[1] == 0 or not (x.requires_grad and torch.is_grad_enabled())  # in_split > 0: no dX below it
 
     def _frozen_padded(self, width: int) -> Tensor:
         """Frozen weights with zero columns appended up to ``width`` inputs (rule 2: older units ignore newer inputs)."""
@@ -216,6 +210,8 @@ class MaskedLinear(_MaskedLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, units: Optional[int] = None,
                  inputs: Optional[int] = None, trainable_inputs: int = 0, device=None, dtype=None) -> None:
         super().__init__()
+        in_features = check_int("MaskedLinear", "in_features", in_features, 1)
+        out_features = check_int("MaskedLinear", "out_features", out_features, 1)
         self.in_features, self.out_features = in_features, out_features
         self._n_in, self._n_out = in_features, out_features
         self._init_blocks(out_features, in_features, units, inputs, trainable_inputs, bias,
@@ -228,13 +224,16 @@ class MaskedLinear(_MaskedLayer):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"MaskedLinear expects inputs with last dim in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
+        w, fw = self.weight, self.frozen_weight  # one module lookup each: this runs every step
+        if self._full_width(x, w, fw):  # nothing frozen, nothing inactive: exactly the dense layer
+            return F.linear(x, w, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()  # (B, in)
-        if self.trainable_units == 0:
+        if w.shape[0] == 0:
             y = self._frozen_forward(x2)
         else:
-            y = ops.masked_linear(x2, self.frozen_weight, self.frozen_bias, self.weight, self.bias,
-                                  self.in_split, self.out_features, *self._step_args())
+            y = ops.masked_linear(x2, fw, self.frozen_bias, w, self.bias, fw.shape[1], self.out_features,
+                                  *self._step_args())
         return y.reshape(*lead, self.out_features)
 
     def _frozen_forward(self, x: Tensor) -> Tensor:
@@ -277,11 +276,13 @@ class MaskedConv2d(_MaskedLayer):
                  units: Optional[int] = None, inputs: Optional[int] = None, trainable_inputs: int = 0,
                  device=None, dtype=None) -> None:
         super().__init__()
+        in_channels = check_int("MaskedConv2d", "in_channels", in_channels, 1)
+        out_channels = check_int("MaskedConv2d", "out_channels", out_channels, 1)
         self.in_channels, self.out_channels = in_channels, out_channels
         self._n_in, self._n_out = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = int_pair("MaskedConv2d", "kernel_size", kernel_size, 1)
+        self.stride = int_pair("MaskedConv2d", "stride", stride, 1)
+        self.dilation = int_pair("MaskedConv2d", "dilation", dilation, 1)
         self.padding = self._resolve_padding(padding)
         self._init_blocks(out_channels, in_channels, units, inputs, trainable_inputs, bias,
                           {"device": device, "dtype": dtype})
@@ -290,10 +291,11 @@ class MaskedConv2d(_MaskedLayer):
         if padding == "valid":  # nn.Conv2d's spelling of no padding (from_dense passes it through)
             return (0, 0)
         if padding != "same":
-            return _pair(padding, "padding")  # type: ignore[arg-type]
+            return int_pair("MaskedConv2d", "padding", padding, 0)  # type: ignore[arg-type]
         if self.stride != (1, 1) or any(k % 2 == 0 for k in self.kernel_size):
-            raise ValueError(f"padding='same' needs stride 1 and odd kernels, got stride={self.stride}, "
-                             f"kernel_size={self.kernel_size}")
+            raise LayerArgumentError("MaskedConv2d", "padding", padding,
+                                     f"numeric here (padding='same' needs stride 1 and odd kernels; this layer has "
+                                     f"stride={self.stride}, kernel_size={self.kernel_size})")
         return tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))  # type: ignore[return-value]
 
     def _wshape(self, rows: int, cols: int) -> tuple[int, ...]:
@@ -302,11 +304,14 @@ class MaskedConv2d(_MaskedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"MaskedConv2d expects (batch, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        w, fw = self.weight, self.frozen_weight  # one module lookup each: this runs every step
+        if self._full_width(x, w, fw):  # nothing frozen, nothing inactive: exactly the dense layer
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
         x = x.contiguous()
-        if self.trainable_units == 0:
+        if w.shape[0] == 0:
             return self._frozen_forward(x)
-        return ops.masked_conv2d(x, self.frozen_weight, self.frozen_bias, self.weight, self.bias, self.in_split,
-                                 self.out_channels, self.stride, self.padding, self.dilation, *self._step_args())
+        return ops.masked_conv2d(x, fw, self.frozen_bias, w, self.bias, fw.shape[1], self.out_channels, self.stride,
+                                 self.padding, self.dilation, *self._step_args())
 
     def _frozen_forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():

@@ -7,8 +7,12 @@ are trainable in the layer below) get a gradient. Frozen work is never
 computed: backward costs ``T*in_active + T*(in_active-in_split)`` multiply-adds
 per sample instead of ``2*out*in``.
 
-The general path takes an arbitrary trainable index set (``out_index``) and
-input-gradient set (``in_index``) and gathers, computes and scatters.
+Autograd of ``masked_linear`` / ``masked_conv2d`` is registered in C++
+(csrc/autograd.cpp: no Python on the per-step path); their backward runs the
+masked path or dense-then-discard, whichever :mod:`pystage.autotune` found
+faster for the shape. The general path takes an arbitrary trainable index set
+(``out_index``) and input-gradient set (``in_index``) and gathers, computes and
+scatters; its autograd is registered here.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pystage import _ext  # noqa: F401  (registers torch.ops.pystage.*)
+from pystage import autotune  # noqa: F401  (registers the backward path tuner)
 
 _ops = torch.ops.pystage
 _Pair = Sequence[int]
@@ -50,30 +55,8 @@ def _(x, w_frozen, b_frozen, w_train, b_train, in_split, out_features, frozen_ro
 
 
 @torch.library.register_fake("pystage::masked_linear_backward")
-def _(grad_out, x, w_train, in_split, out_frozen, output_mask):
+def _(grad_out, x, w_train, in_split, out_frozen, output_mask, path=0):
     return _fake_grads(x, w_train, w_train.size(0), output_mask)
-
-
-def _linear_setup(ctx, inputs, output):
-    x, _, b_frozen, w_train, _, in_split = inputs[:6]
-    ctx.save_for_backward(x, w_train)
-    ctx.in_split = in_split
-    ctx.out_frozen = inputs[1].size(0)
-    ctx.has_bias = b_frozen is not None
-
-
-def _linear_backward(ctx, grad):
-    x, w_train = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[3], need[4] and ctx.has_bias]
-    if not any(mask):
-        return (None,) * 9
-    gx, gw, gb = _ops.masked_linear_backward(grad.contiguous(), x, w_train, ctx.in_split, ctx.out_frozen, mask)
-    return (_none_if_empty(gx, mask[0]), None, None, _none_if_empty(gw, mask[1]), _none_if_empty(gb, mask[2]),
-            None, None, None, None)
-
-
-torch.library.register_autograd("pystage::masked_linear", _linear_backward, setup_context=_linear_setup)
 
 
 # --------------------------------------------------------------------------- masked_conv2d
@@ -108,29 +91,8 @@ def _(x, w_frozen, b_frozen, w_train, b_train, in_split, out_channels, stride, p
 
 
 @torch.library.register_fake("pystage::masked_conv2d_backward")
-def _(grad_out, x, w_train, in_split, out_frozen, stride, padding, dilation, output_mask):
+def _(grad_out, x, w_train, in_split, out_frozen, stride, padding, dilation, output_mask, path=0):
     return _fake_grads(x, w_train, w_train.size(0), output_mask)
-
-
-def _conv_setup(ctx, inputs, output):
-    x, w_frozen, b_frozen, w_train, _, in_split, _, stride, padding, dilation = inputs[:10]
-    ctx.save_for_backward(x, w_train)
-    ctx.args = (in_split, w_frozen.size(0), stride, padding, dilation)
-    ctx.has_bias = b_frozen is not None
-
-
-def _conv_backward(ctx, grad):
-    x, w_train = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[3], need[4] and ctx.has_bias]
-    nones = (None,) * 7
-    if not any(mask):
-        return (None,) * 5 + nones
-    gx, gw, gb = _ops.masked_conv2d_backward(grad.contiguous(), x, w_train, *ctx.args, mask)
-    return (_none_if_empty(gx, mask[0]), None, None, _none_if_empty(gw, mask[1]), _none_if_empty(gb, mask[2])) + nones
-
-
-torch.library.register_autograd("pystage::masked_conv2d", _conv_backward, setup_context=_conv_setup)
 
 
 # --------------------------------------------------------------------------- general path (index sets)

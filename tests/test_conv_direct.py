@@ -11,6 +11,9 @@ GEOMETRIES = [
     (2, 4, 6, 11, 1, 0, 1, 0),   # 1x1, every input trainable
     (2, 6, 10, 9, 3, 3, 5, 2),   # 5x5 same
     (2, 6, 7, 7, 2, 6, 5, 1),    # 5x5, padding smaller than "same"
+    (2, 6, 9, 11, 9, 2, 3, 1),   # 9 units: register blocks of 8 (AVX-512) or 4 (AVX2) and a remainder
+    (2, 5, 7, 8, 13, 3, 5, 2),   # 13 units, 5x5: smaller blocks (5 x 5 accumulators per unit)
+    (3, 4, 6, 6, 7, 1, 1, 0),    # 1x1, 7 units
 ]
 
 
@@ -23,8 +26,12 @@ def _grads(x, wf, wt, split, out, padding, g, direct: bool, monkeypatch):
     return x.grad, wt.grad
 
 
+@pytest.mark.parametrize("isa", ["best", "avx2", "generic"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_direct_matches_onednn(geometry, monkeypatch):
+def test_direct_matches_onednn(geometry, isa, monkeypatch):
+    """Every instruction-set variant of the kernels (the CPU's best, AVX2's 16-register blocks, plain C++)."""
+    if isa != "best":
+        monkeypatch.setenv("PYSTAGE_CONV_DIRECT_ISA", isa)
     B, C, H, W, T, split, k, p = geometry
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B, C, H, W, generator=gen)

@@ -139,6 +139,8 @@ def test_cuda_kernels_loaded():
                "masked_linear_indexed", "masked_linear_indexed_backward", "masked_conv2d_indexed",
                "masked_conv2d_indexed_backward", "block_triangular_mask_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pystage::{op}", "CUDA"), op
+    for op in ("masked_linear", "masked_conv2d"):  # C++ autograd (csrc/autograd.cpp) covers CUDA too
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pystage::{op}", "AutogradCUDA"), op
 
 
 # ---------------------------------------------------------------------------------------------- masked_linear
@@ -220,6 +222,130 @@ def test_conv_bias_grad_op(hw, dtype):
     _, _, gb = _pystage.masked_conv2d_backward(_dev(g, dtype), _dev(x, dtype), _dev(wt, dtype), 1, F, [1, 1], [0, 0],
                                                [1, 1], [False, False, True])
     _close(gb, g.to(dtype).double()[:, F:F + T].sum((0, 2, 3)), dtype, f"conv bias grad {hw}x{hw}")
+
+
+# ---------------------------------------------------------------------------------------------- backward paths
+
+# path 0 masked (least work: strided GEMMs; conv: the grad slice copied with db in the same pass, dX padded in one
+# write), 1 dense-then-discard, 2 masked with db in the dW GEMM's epilogue (cuBLASLt BGRADB; linear only, falls
+# back to 0 where cuBLASLt has no algorithm). Each on CUDA against path 0 on CPU.
+PATHS = [0, 1, 2]
+
+# (B, in, out, F, in_split, T, in_active): F odd makes the grad block start at an odd element (unaligned for
+# cuBLASLt); in_active < in leaves x a strided column block.
+LINEAR_PATHS = [
+    (64, 24, 40, 8, 8, 16, 16),
+    (33, 12, 10, 3, 4, 5, 9),
+    (512, 32, 48, 0, 0, 48, 32),   # nothing frozen: full-width grad
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_dt_id)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", LINEAR_PATHS, ids=lambda c: "x".join(map(str, c)))
+def test_masked_linear_backward_paths(case, path, dtype):
+    B, n_in, n_out, F, in_split, T, in_active = case
+    g, x, wt = _randn(B, n_out, seed=11), _randn(B, n_in, seed=12), _randn(T, in_active, seed=13, scale=0.3)
+    mask = [True, True, True]
+    res = _pystage.masked_linear_backward(_dev(g, dtype), _dev(x, dtype), _dev(wt, dtype), in_split, F, mask, path)
+    rd = _ref_dtype(dtype)
+    ref = _pystage.masked_linear_backward(g.to(dtype).to(rd), x.to(dtype).to(rd), wt.to(dtype).to(rd), in_split, F,
+                                          mask, 0)
+    for k, (r, e) in enumerate(zip(res, ref)):
+        _close(r, e, dtype, f"masked_linear_backward path {path} output {k}")
+    assert not res[0][:, :in_split].any() and not res[0][:, in_active:].any()
+
+
+# (B, C, H, W, out, F, in_split, T, in_active, k, stride, padding): maps of >= 32 pixels take the fused copy+db
+# kernel (one split or several), smaller ones the plain copy; in_split > 0 and in_active < C the one-write pad.
+CONV_PATHS = [
+    (2, 6, 8, 8, 7, 2, 3, 3, 5, 3, 1, 1),
+    (64, 8, 16, 16, 12, 3, 5, 6, 8, 3, 1, 1),   # several splits of the fused reduction
+    (3, 5, 6, 6, 6, 1, 2, 4, 5, 3, 2, 1),       # 9 output pixels: plain copy, column reduction
+    (2, 4, 9, 9, 5, 0, 0, 5, 4, 3, 1, 2),       # nothing frozen, every input: the dense call on the block
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_dt_id)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CONV_PATHS, ids=lambda c: "x".join(map(str, c)))
+def test_masked_conv2d_backward_paths(case, path, dtype):
+    B, C, H, W, n_out, F, in_split, T, in_active, k, s, p = case
+    x, wt = _randn(B, C, H, W, seed=21), _randn(T, in_active, k, k, seed=22, scale=0.3)
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    g = _randn(B, n_out, Ho, Wo, seed=23)
+    conv, mask = ([s, s], [p, p], [1, 1]), [True, True, True]
+    res = _pystage.masked_conv2d_backward(_dev(g, dtype), _dev(x, dtype), _dev(wt, dtype), in_split, F, *conv, mask,
+                                          path)
+    rd = _ref_dtype(dtype)
+    ref = _pystage.masked_conv2d_backward(g.to(dtype).to(rd), x.to(dtype).to(rd), wt.to(dtype).to(rd), in_split, F,
+                                          *conv, mask, 0)
+    for k_, (r, e) in enumerate(zip(res, ref)):
+        _close(r, e, dtype, f"masked_conv2d_backward path {path} output {k_}")
+    assert not res[0][:, :in_split].any() and not res[0][:, in_active:].any()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autotuned_layer_matches_dense_reference(kind):
+    """A masked layer trained on the device: whichever path the tuner picks, grads equal the dense layer's."""
+    from torch import nn
+
+    from pystage.layers import MaskedConv2d, MaskedLinear
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        dense = nn.Linear(64, 48, dtype=torch.float64)
+        m = MaskedLinear.from_dense(dense, trainable_units=16, trainable_inputs=24).to(DEVICE)
+        x = _randn(32, 64, seed=31)
+    else:
+        dense = nn.Conv2d(16, 24, 3, padding=1, dtype=torch.float64)
+        m = MaskedConv2d.from_dense(dense, trainable_units=8, trainable_inputs=4).to(DEVICE)
+        x = _randn(8, 16, 12, 12, seed=31)
+    # the reference: the dense layer the masked one computes (rule 2 zeroed the frozen units' newer inputs)
+    W = m.dense_weight().cpu().requires_grad_()
+    b = m.dense_bias().cpu().requires_grad_()
+    xd = x.detach().clone().to(DEVICE).requires_grad_()  # a copy even on the CPU dry run
+    y = m(xd)
+    gy = _randn(*y.shape, seed=32)
+    y.backward(gy.to(DEVICE))
+    xr = x.clone().requires_grad_()
+    ref = torch.nn.functional.linear(xr, W, b) if kind == "linear" else torch.nn.functional.conv2d(xr, W, b, padding=1)
+    ref.backward(gy)
+    F_, split = m.frozen_units, m.in_split
+    _close(y, ref, torch.float64, "forward")
+    _close(m.weight.grad, W.grad[F_:], torch.float64, "weight grad")
+    _close(m.bias.grad, b.grad[F_:], torch.float64, "bias grad")
+    _close(xd.grad[:, split:], xr.grad[:, split:], torch.float64, "grad of the trainable inputs")
+    assert not xd.grad[:, :split].any()
+
+
+@pytest.mark.skipif(DRY_RUN, reason="host syncs are a CUDA matter")
+def test_no_host_sync_per_step():
+    """After the first step (index checks, path tuning), a step of masked layers never waits on the device."""
+    from torch import nn
+
+    from pystage.layers import MaskedConv2d, MaskedLinear
+
+    conv = MaskedConv2d.from_dense(nn.Conv2d(8, 12, 3, padding=1), trainable_units=4, trainable_inputs=4).cuda()
+    lin = MaskedLinear.from_dense(nn.Linear(12 * 36, 10), trainable_units=5, trainable_inputs=12 * 36).cuda()
+    ix = _linear_ix_args(16, 10, 12, 5, 4, True)
+    x_ix, w_ix, b_ix, wt_ix, bt_ix = (_dev(a, torch.float32) for a in ix[:5])
+    wt_ix.requires_grad_()
+    oi, ii = _dev(ix[5]), _dev(ix[6])
+    x = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
+
+    def step():
+        y = lin(conv(x).flatten(1))
+        z = ops.masked_linear_indexed(x_ix, w_ix, b_ix, wt_ix, bt_ix, oi, ii)
+        (y.sum() + z.sum()).backward()
+
+    step()  # validates the indices once, tunes the backward paths
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ---------------------------------------------------------------------------------------------- indexed (gather/scatter)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pystage.layers import GrowthError, MaskedConv2d, MaskedLinear, grow_chain
+from pystage.layers import GrowthError, MaskedConv2d, MaskedLinear, grow_chain, LayerArgumentError
 
 
 def _snapshot(layer):
@@ -501,3 +501,52 @@ def test_conv_from_dense_with_string_padding():
         m = MaskedConv2d.from_dense(dense, trainable_units=1)
         assert m.padding == ((0, 0) if padding == "valid" else (1, 1))
         torch.testing.assert_close(m(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+# ====================================================================================== argument checks (issue 14)
+
+@pytest.mark.parametrize("ctor,name,got,expected", [
+    (lambda: MaskedLinear(4, 6, units=2.5), "units", 2.5, r"in \[1, 6\] \(the layer's width, an int\)"),
+    (lambda: MaskedLinear(4, 6, inputs="4"), "inputs", "4", r"in \[1, 4\]"),
+    (lambda: MaskedLinear(4, 6, trainable_inputs=True), "trainable_inputs", True, r"in \[0, 4\]"),
+    (lambda: MaskedLinear(0, 6), "in_features", 0, r"an int >= 1"),
+    (lambda: MaskedLinear(4, 6.0), "out_features", 6.0, r"an int >= 1"),
+    (lambda: MaskedLinear(4, 6, bias=1), "bias", 1, r"True or False"),
+    (lambda: MaskedConv2d(3, 6, -1), "kernel_size", -1, r"an int or a pair of ints, each >= 1"),
+    (lambda: MaskedConv2d(3, 6, (3, 0)), "kernel_size", (3, 0), r"each >= 1"),
+    (lambda: MaskedConv2d(3, 6, 3, stride=0), "stride", 0, r"each >= 1"),
+    (lambda: MaskedConv2d(3, 6, 3, padding=-1), "padding", -1, r"each >= 0"),
+    (lambda: MaskedConv2d(3, 6, 3, padding="full"), "padding", "full", r"an int or a pair of ints"),
+    (lambda: MaskedConv2d(3, 6, 3, dilation=(1, 0)), "dilation", (1, 0), r"each >= 1"),
+    (lambda: MaskedConv2d(3, 0, 3), "out_channels", 0, r"an int >= 1"),
+    (lambda: MaskedConv2d(3, 6, 3, units=0), "units", 0, r"in \[1, 6\]"),
+])
+def test_constructor_arguments_are_checked_before_anything_is_built(ctor, name, got, expected):
+    with pytest.raises(LayerArgumentError, match=expected) as info:
+        ctor()
+    e = info.value
+    assert isinstance(e, GrowthError) and isinstance(e, ValueError)
+    assert (e.name, e.got) == (name, got) and e.layer in ("MaskedLinear", "MaskedConv2d")
+    assert f"{name} must be" in str(e) and f"got {got!r}" in str(e)
+
+
+def test_integer_like_arguments_are_accepted():
+    m = MaskedLinear(4, 6, units=torch.tensor(3))
+    assert m.trainable_units == 3 and isinstance(m.out_features, int)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_empty_batch_through_backward(kind):
+    """A batch of zero samples: empty output and dX, zero weight/bias grads (an empty sum), no error."""
+    if kind == "linear":
+        m = MaskedLinear(5, 6, units=3)
+        x = torch.randn(0, 5, requires_grad=True)
+    else:
+        m = MaskedConv2d(3, 6, 3, padding=1, units=3)
+        x = torch.randn(0, 3, 5, 5, requires_grad=True)
+    m.grow(2)
+    y = m(x)
+    assert y.shape[0] == 0
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.count_nonzero(m.weight.grad) == 0 and torch.count_nonzero(m.bias.grad) == 0

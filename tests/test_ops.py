@@ -535,6 +535,84 @@ def test_only_needed_grads_are_returned():
     assert not y2.requires_grad
 
 
+# ====================================================================================== backward paths
+
+# path 0: masked (least work), 1: dense-then-discard, 2: masked with the bias fused into the weight GEMM (CUDA
+# linear; elsewhere the same as 0). The autotuner picks one per shape; every one must give the reference grads.
+PATHS = [0, 1, 2]
+
+
+def _check_path_grads(grads, mask, W, b, xr, F_, T, in_split, in_active):
+    gx, gw, gb = grads
+    if mask[1]:
+        torch.testing.assert_close(gw, W.grad[F_:F_ + T, :in_active], **F64)
+    if mask[2]:
+        torch.testing.assert_close(gb, b.grad[F_:F_ + T], **F64)
+    if mask[0]:
+        torch.testing.assert_close(gx[:, in_split:in_active], xr.grad[:, in_split:in_active], **F64)
+        assert torch.count_nonzero(gx[:, :in_split]) == 0 and torch.count_nonzero(gx[:, in_active:]) == 0
+    for want, g in zip(mask, grads):
+        assert want or g.numel() == 0  # an output not asked for is empty
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("c", LIN_CASES, ids=_ids(LIN_CASES))
+def test_masked_linear_backward_paths_match_reference(c, path, mask):
+    x, wf, bf, wt, bt = make_linear(c, True, grad=False)
+    y, W, b, xr = reference_fast("linear", x, wf, bf, wt, bt, c.in_split, c.out)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    grads = P.masked_linear_backward(gy, x, wt, c.in_split, c.frozen, mask, path)
+    _check_path_grads(grads, mask, W, b, xr, c.frozen, c.trainable, c.in_split, c.in_active)
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("c", CONV_CASES, ids=_ids(CONV_CASES))
+def test_masked_conv2d_backward_paths_match_reference(c, path, mask):
+    x, wf, bf, wt, bt = make_conv(c, True, grad=False)
+    conv = (c.stride, c.padding, c.dilation)
+    y, W, b, xr = reference_fast("conv", x, wf, bf, wt, bt, c.in_split, c.out, conv)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    grads = P.masked_conv2d_backward(gy, x, wt, c.in_split, c.frozen, *map(list, conv), mask, path)
+    _check_path_grads(grads, mask, W, b, xr, c.frozen, c.trainable, c.in_split, c.in_active)
+
+
+@pytest.mark.parametrize("path", [1, 2])
+def test_opcheck_backward_paths(path):
+    c = LIN_CASES[0]
+    x, _, _, wt, _ = make_linear(c, False, dtype=torch.float32, grad=False)
+    _opcheck(P.masked_linear_backward.default, (torch.randn(c.batch, c.out), x, wt, c.in_split, c.frozen,
+                                                [True, True, True], path), full=False)
+    k = CONV_CASES[0]
+    x, _, _, wt, _ = make_conv(k, False, dtype=torch.float32, grad=False)
+    g = torch.randn(k.batch, k.out, 3, 3)
+    _opcheck(P.masked_conv2d_backward.default, (g, x, wt, k.in_split, k.frozen, [1, 1], [0, 0], [1, 1],
+                                                [True, True, True], path), full=False)
+
+
+def test_backward_path_out_of_range():
+    x, wt, g = torch.randn(3, 6), torch.randn(2, 6), torch.randn(3, 7)
+    with pytest.raises(RuntimeError, match=r"path must be 0 \(masked\), 1 \(dense-then-discard\) or 2"):
+        P.masked_linear_backward(g, x, wt, 4, 2, [True, True, True], 3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_empty_batch_backward_is_zero(kind, path):
+    """An empty batch: empty dX, zero dW and db (an empty sum), on every path."""
+    if kind == "linear":
+        x, wt, g = torch.randn(0, 6), torch.randn(2, 6), torch.randn(0, 7)
+        gx, gw, gb = P.masked_linear_backward(g, x, wt, 4, 2, [True, True, True], path)
+    else:
+        x, wt, g = torch.randn(0, 4, 5, 5), torch.randn(2, 4, 3, 3), torch.randn(0, 5, 5, 5)
+        gx, gw, gb = P.masked_conv2d_backward(g, x, wt, 3, 2, [1, 1], [1, 1], [1, 1], [True, True, True], path)
+    assert gx.shape == x.shape and gw.shape == wt.shape and gb.shape == (2,)
+    assert torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+
+
 # ====================================================================================== low precision
 
 # fp16 / bf16 vs a float32 reference computed from the *same rounded inputs* (upcast), so only the op's
@@ -759,6 +837,19 @@ def test_masked_conv2d_indexed_rejects_bad_input(name):
     a.update(change)
     with pytest.raises(RuntimeError, match=match):
         _idx_call(a, conv=True)
+
+
+def test_index_values_are_checked_once_per_version():
+    """Range/repeat checks read indices on the host (a sync on CUDA): once per index tensor and version."""
+    a = _idx_base()
+    _idx_call(a)  # valid: checked and remembered
+    _idx_call(a)  # remembered: no second read
+    a["oi"][0] = 7  # an in-place change is a new version: checked again
+    with pytest.raises(RuntimeError, match=r"out_index holds unit indices in \[1, 7\]"):
+        _idx_call(a)
+    a["oi"][0] = 1  # repeated index, again a new version
+    with pytest.raises(RuntimeError, match=r"out_index holds repeated unit indices \(1 appears twice\)"):
+        _idx_call(a)
 
 
 BACKWARD_ERRORS = {

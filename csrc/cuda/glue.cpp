@@ -13,6 +13,8 @@
 
 #include <vector>
 
+#include "blaslt.h"    // this directory: gy^T @ x with the bias gradient in the GEMM's epilogue (cuBLASLt)
+
 #include "kernels.h"   // this directory: the C interface of kernels.cu
 #include "register.h"  // csrc/: Bound<> and, through it, csrc/kernels.h (DeviceKernels)
 
@@ -137,6 +139,53 @@ at::Tensor bias_grad(const at::Tensor& grad_in, int64_t c0, int64_t n) {
   return out;
 }
 
+std::vector<int64_t> with_dim1(const at::Tensor& t, int64_t n) {
+  auto shape = t.sizes().vec();
+  shape[1] = n;
+  return shape;
+}
+
+at::Tensor narrow_copy_dim1(const at::Tensor& src_in, int64_t c0, int64_t n, at::Tensor* bias) {
+  constexpr const char* op = "narrow_copy_dim1";
+  check_on_cuda(src_in, op, "src");
+  const auto d = dims3(src_in, op, "src");
+  TORCH_CHECK(c0 >= 0 && n >= 0 && c0 + n <= d.n, "pystage: ", op, ": channel range [", c0, ", ", c0 + n,
+              ") must lie in [0, ", d.n, "] (src's dim 1, shape ", shape_str(src_in), ")");
+  const c10::cuda::CUDAGuard guard(src_in.device());
+  const auto src = src_in.contiguous();
+  auto out = at::empty(with_dim1(src, n), src.options());
+  if (bias == nullptr || d.inner < 32) {  // nothing to fuse (or maps too small for whole-warp runs)
+    out.copy_(src.narrow(1, c0, n));
+    if (bias) *bias = bias_grad(out, 0, n);
+    return out;
+  }
+  const int dtype = dtype_code(src, op, "src");
+  *bias = at::empty({n}, src.options());
+  const size_t ws_bytes = pystage_cuda_narrow_copy_bias_workspace_size(d.outer, d.inner, n, dtype);
+  at::Tensor ws;
+  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, src.options().dtype(at::kByte));
+  check_cuda(pystage_cuda_narrow_copy_bias(src.const_data_ptr(), out.mutable_data_ptr(), bias->mutable_data_ptr(),
+                                           d.outer, d.n, d.inner, c0, n, ws_bytes > 0 ? ws.mutable_data_ptr() : nullptr,
+                                           ws_bytes, dtype, stream_of(src)),
+             op);
+  return out;
+}
+
+at::Tensor pad_dim1(const at::Tensor& src_in, int64_t channels, int64_t c0) {
+  constexpr const char* op = "pad_dim1";
+  check_on_cuda(src_in, op, "src");
+  const auto d = dims3(src_in, op, "src");
+  TORCH_CHECK(c0 >= 0 && c0 + d.n <= channels, "pystage: ", op, ": channels [", c0, ", ", c0 + d.n,
+              ") must lie in [0, ", channels, "]");
+  const c10::cuda::CUDAGuard guard(src_in.device());
+  const auto src = src_in.contiguous();
+  auto out = at::empty(with_dim1(src, channels), src.options());
+  check_cuda(pystage_cuda_pad_dim1(src.const_data_ptr(), out.mutable_data_ptr(), d.outer, d.n, channels, d.inner, c0,
+                                   dtype_code(src, op, "src"), stream_of(src)),
+             op);
+  return out;
+}
+
 void block_triangular_mask(const at::Tensor& weight, c10::IntArrayRef out_ends, c10::IntArrayRef in_ends) {
   constexpr const char* op = "block_triangular_mask_";
   check_on_cuda(weight, op, "weight");
@@ -157,10 +206,22 @@ void block_triangular_mask(const at::Tensor& weight, c10::IntArrayRef out_ends, 
              op);
 }
 
+DeviceKernels make_cuda_kernels() {
+  DeviceKernels k;
+  k.gather_dim1 = &gather_dim1;
+  k.scatter_dim1 = &scatter_dim1;
+  k.bias_grad = &bias_grad;
+  k.block_triangular_mask = &block_triangular_mask;
+  k.narrow_copy_dim1 = &narrow_copy_dim1;
+  k.pad_dim1 = &pad_dim1;
+  k.linear_wgrad_bias = &linear_wgrad_bias_lt;
+  return k;
+}
+
 }  // namespace
 
 const DeviceKernels& cuda_kernels() {
-  static const DeviceKernels k{&gather_dim1, &scatter_dim1, &bias_grad, &block_triangular_mask};
+  static const DeviceKernels k = make_cuda_kernels();
   return k;
 }
 

@@ -256,6 +256,53 @@ __global__ void __launch_bounds__(kThreads) bias_grad_finish_kernel(const typena
   if (lane == 0) out[k] = Elem<T>::store(acc);
 }
 
+// ---------------------------------------------------------------- narrow copy (+ bias) along dim 1
+// The rows layout of the bias gradient, also writing what it reads: block (channel k, split s) copies the runs
+// src[o, c0 + k, :] of its rows o to dst[o, k, :] and sums them. kBias false: copy only.
+template <typename T, bool kBias, bool kDirect>
+__global__ void __launch_bounds__(kThreads) narrow_copy_bias_kernel(const T* __restrict__ src, T* __restrict__ dst,
+                                                                    typename Elem<T>::Acc* __restrict__ partial,
+                                                                    T* __restrict__ bias, int64_t outer,
+                                                                    int64_t channels, int64_t inner, int64_t c0,
+                                                                    int64_t n, int64_t rows_per_split) {
+  using A = typename Elem<T>::Acc;
+  const int64_t k = blockIdx.x;
+  const int64_t o_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t o_end = o_begin + rows_per_split < outer ? o_begin + rows_per_split : outer;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  A acc = A(0);
+  for (int64_t o = o_begin + warp; o < o_end; o += warps) {
+    const T* run = src + (o * channels + c0 + k) * inner;
+    T* out = dst + (o * n + k) * inner;
+#pragma unroll 4
+    for (int64_t i = lane; i < inner; i += 32) {
+      const T v = run[i];
+      out[i] = v;
+      if (kBias) acc += Elem<T>::load(v);
+    }
+  }
+  if (!kBias) return;
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) {
+    if (kDirect) bias[k] = Elem<T>::store(acc);
+    else partial[static_cast<int64_t>(blockIdx.y) * n + k] = acc;
+  }
+}
+
+// ---------------------------------------------------------------- pad along dim 1
+// dst unit e = (o, c, i) of (outer, channels, inner_u): src[o, c - c0, i] inside [c0, c0 + n), else zero.
+template <typename U, typename I>
+__global__ void __launch_bounds__(kThreads) pad_dim1_kernel(const U* __restrict__ src, U* __restrict__ dst, I n,
+                                                            I channels, I inner_u, I c0, I total) {
+  const I step = static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
+  for (I e = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x); e < total;
+       e += step) {
+    const I row = e / inner_u, i = e - row * inner_u;
+    const I o = row / channels, c = row - o * channels;
+    dst[e] = (c >= c0 && c - c0 < n) ? src[(o * n + (c - c0)) * inner_u + i] : U{};
+  }
+}
+
 // ---------------------------------------------------------------- block-triangular mask
 // Block x-loop over rows o; the row's step s is found by binary search in out_ends, then the row's tail
 // [in_ends[s] * inner, in * inner) is zeroed by the block's threads (and the gridDim.y blocks of that row).
@@ -356,6 +403,83 @@ cudaError_t pystage_cuda_bias_grad(const void* grad, void* out, int64_t outer, i
     if (err != cudaSuccess || p.direct) return err;
     const unsigned blocks = static_cast<unsigned>(ceil_div(n, kThreads / 32));
     bias_grad_finish_kernel<T><<<blocks, kThreads, 0, stream>>>(partial, o, n, p.splits, p.rows ? 1 : inner);
+    return cudaGetLastError();
+  });
+}
+
+size_t pystage_cuda_narrow_copy_bias_workspace_size(int64_t outer, int64_t inner, int64_t n, int dtype) {
+  const size_t esize = pystage_cuda_dtype_size(dtype);
+  if (esize == 0 || outer <= 0 || inner < kRowsMinInner || n <= 0) return 0;
+  const BiasPlan p = plan_bias_grad(outer, inner, n);  // rows layout (inner >= 32)
+  if (p.direct) return 0;
+  const size_t acc = dtype == PYSTAGE_CUDA_FLOAT64 ? sizeof(double) : sizeof(float);
+  return static_cast<size_t>(p.splits) * static_cast<size_t>(n) * acc;
+}
+
+cudaError_t pystage_cuda_narrow_copy_bias(const void* src, void* dst, void* bias, int64_t outer, int64_t channels,
+                                          int64_t inner, int64_t c0, int64_t n, void* workspace,
+                                          size_t workspace_bytes, int dtype, cudaStream_t stream) {
+  const size_t esize = pystage_cuda_dtype_size(dtype);
+  if (esize == 0 || outer < 0 || channels < 0 || inner < 0 || n < 0 || c0 < 0 || c0 + n > channels)
+    return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  if (bias != nullptr && inner < kRowsMinInner) return cudaErrorInvalidValue;  // see kernels.h
+  if (outer == 0 || inner == 0) {
+    return bias == nullptr ? cudaSuccess : cudaMemsetAsync(bias, 0, static_cast<size_t>(n) * esize, stream);
+  }
+  if (src == nullptr || dst == nullptr) return cudaErrorInvalidValue;
+  const BiasPlan p = plan_bias_grad(outer, max64(inner, kRowsMinInner), n);
+  const size_t need = bias ? pystage_cuda_narrow_copy_bias_workspace_size(outer, inner, n, dtype) : 0;
+  if (workspace_bytes < need || (need > 0 && (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 8 != 0)))
+    return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Elem<T>::Acc;
+    const T* s = static_cast<const T*>(src);
+    T* d = static_cast<T*>(dst);
+    T* b = static_cast<T*>(bias);
+    A* partial = static_cast<A*>(workspace);
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(p.splits));
+    if (b == nullptr) {
+      narrow_copy_bias_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(s, d, nullptr, nullptr, outer, channels,
+                                                                             inner, c0, n, p.rows_per_split);
+    } else if (p.direct) {
+      narrow_copy_bias_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(s, d, nullptr, b, outer, channels, inner,
+                                                                           c0, n, p.rows_per_split);
+    } else {
+      narrow_copy_bias_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(s, d, partial, nullptr, outer, channels,
+                                                                            inner, c0, n, p.rows_per_split);
+    }
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || b == nullptr || p.direct) return err;
+    const unsigned blocks = static_cast<unsigned>(ceil_div(n, kThreads / 32));
+    bias_grad_finish_kernel<T><<<blocks, kThreads, 0, stream>>>(partial, b, n, p.splits, 1);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t pystage_cuda_pad_dim1(const void* src, void* dst, int64_t outer, int64_t n, int64_t channels,
+                                  int64_t inner, int64_t c0, int dtype, cudaStream_t stream) {
+  const int64_t esize = static_cast<int64_t>(pystage_cuda_dtype_size(dtype));
+  if (esize == 0 || outer < 0 || n < 0 || channels < 0 || inner < 0 || c0 < 0 || c0 + n > channels)
+    return cudaErrorInvalidValue;
+  if (outer == 0 || channels == 0 || inner == 0) return cudaSuccess;
+  if (dst == nullptr || (n > 0 && src == nullptr)) return cudaErrorInvalidValue;
+  const uintptr_t align = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst);
+  return dispatch_unit(inner * esize, align, [&](auto unit, int64_t ubytes) {
+    using U = decltype(unit);
+    const int64_t inner_u = inner * esize / ubytes;
+    const int64_t total = outer * channels * inner_u;
+    const unsigned blocks = static_cast<unsigned>(min64(ceil_div(total, kThreads), kMaxBlocks));
+    const U* s = static_cast<const U*>(src);
+    U* d = static_cast<U*>(dst);
+    if (total < (int64_t{1} << 31)) {  // uint32 math: e + step stays below 2^32
+      pad_dim1_kernel<U, uint32_t><<<blocks, kThreads, 0, stream>>>(
+          s, d, static_cast<uint32_t>(n), static_cast<uint32_t>(channels), static_cast<uint32_t>(inner_u),
+          static_cast<uint32_t>(c0), static_cast<uint32_t>(total));
+    } else {
+      pad_dim1_kernel<U, int64_t><<<blocks, kThreads, 0, stream>>>(s, d, n, channels, inner_u, c0, total);
+    }
     return cudaGetLastError();
   });
 }

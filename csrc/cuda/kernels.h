@@ -56,6 +56,21 @@ cudaError_t pystage_cuda_bias_grad(const void* grad, void* out, int64_t outer, i
                                    int64_t c0, int64_t n, void* workspace, size_t workspace_bytes, int dtype,
                                    cudaStream_t stream);
 
+/* dst (outer, n, inner) = src (outer, channels, inner)[:, c0 : c0 + n, :], and, when `bias` is not NULL,
+ * bias[k] = sum over o, i of those values (accumulated as pystage_cuda_bias_grad does, deterministically): one
+ * pass over the channel block writes the contiguous copy and the bias gradient. Needs inner >= 32 (every
+ * lane of a warp on one contiguous run; the caller copies smaller maps with a plain copy) when bias is given.
+ * `workspace`: pystage_cuda_narrow_copy_bias_workspace_size(...) bytes (NULL when 0), 8-byte aligned. */
+size_t pystage_cuda_narrow_copy_bias_workspace_size(int64_t outer, int64_t inner, int64_t n, int dtype);
+cudaError_t pystage_cuda_narrow_copy_bias(const void* src, void* dst, void* bias, int64_t outer, int64_t channels,
+                                          int64_t inner, int64_t c0, int64_t n, void* workspace,
+                                          size_t workspace_bytes, int dtype, cudaStream_t stream);
+
+/* dst (outer, channels, inner) = src (outer, n, inner) placed at channels [c0, c0 + n), zeros elsewhere: every
+ * element of dst written once (no memset first). Requires c0 + n <= channels. */
+cudaError_t pystage_cuda_pad_dim1(const void* src, void* dst, int64_t outer, int64_t n, int64_t channels,
+                                  int64_t inner, int64_t c0, int dtype, cudaStream_t stream);
+
 /* weight (out, in, inner), in place: zero weight[o, i, :] where step(i) > step(o).
  * `out_ends`, `in_ends`: DEVICE arrays of `steps` (>= 1) int64, the cumulative unit counts after each growth
  * step (non-decreasing, ending at out and in; validated by the caller). Row o belongs to the first step s

@@ -37,11 +37,12 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& wf, const c10::o
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& g, const at::Tensor& x,
                                                                       const at::Tensor& wt, int64_t split,
-                                                                      int64_t out_frozen) {
+                                                                      int64_t out_frozen, int64_t path = 0) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pystage::masked_linear_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, std::array<bool, 3>)>();
-  return op.call(g, x, wt, split, out_frozen, {true, true, true});
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, std::array<bool, 3>,
+                           int64_t)>();
+  return op.call(g, x, wt, split, out_frozen, {true, true, true}, path);
 }
 
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& wt, int64_t split, int64_t out) {
@@ -75,6 +76,16 @@ void test_linear() {
   expect(at::allclose(gx.slice(1, 8, 10), gy.mm(wt.slice(1, 8, 10))), "grad of trainable inputs");
   expect(gx.slice(1, 0, 8).abs().max().item<double>() == 0.0, "no grad computed for frozen inputs");
 
+  for (int64_t path : {1, 2}) {  // dense-then-discard; masked with the bias fused (the masked path on CPU)
+    auto [px, pw, pb] = masked_linear_backward(g, x, wt, 8, 3, path);
+    const auto name = " (path " + std::to_string(path) + ")";
+    expect(at::allclose(pw, gw) && at::allclose(pb, gb) && at::allclose(px, gx), "backward path agrees" + name);
+    expect(px.slice(1, 0, 8).abs().max().item<double>() == 0.0, "no grad for frozen inputs" + name);
+  }
+  expect_throws([&] { masked_linear_backward(g, x, wt, 8, 3, 3); }, "path must be", "unknown backward path rejected");
+  auto [ex, ew, eb] = masked_linear_backward(g.slice(0, 0, 0), x.slice(0, 0, 0), wt, 8, 3);
+  expect(ex.size(0) == 0 && ew.abs().max().item<double>() == 0.0 && eb.abs().max().item<double>() == 0.0,
+         "empty batch: zero weight and bias grads");
   expect_throws([&] { masked_linear(x.t(), wf, bf, wt, bt, 8, 9); }, "x", "non-contiguous x rejected");
   expect_throws([&] { masked_linear(x, wf, bf, wt, bt, 9, 9); }, "w_frozen", "in_split that disagrees with w_frozen");
   expect_throws([&] { masked_linear(x, wf, bf, wt.slice(0, 0, 0), bt.slice(0, 0, 0), 8, 9); }, "trainable",

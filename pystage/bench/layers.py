@@ -7,17 +7,21 @@ For each case and trainable fraction t (input trainable fraction = output traina
 * composed  - the same narrowed ATen calls as the op, composed in Python (the bar to clear)
 ``ideal_speedup`` is dense FLOPs / FLOPs of what the masked path computes. Fraction 1.0 is the layer at
 full width with every unit trainable: its ``forward_overhead`` is the price of the masked layer itself.
+
+The masked layer's backward runs the path pystage.autotune picked for the shape (masked kernels or
+dense-then-discard): ``path`` says which, ``tuned_*_ms`` are the tuner's own measurements of each.
+The paper-sized cases run by default; the GPU-sized ones (``LARGE``) run by default with ``--device
+cuda`` and on the CPU only with ``--large`` (minutes each there).
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pystage import autotune
 from pystage.bench.composed import ComposedConv2d, ComposedLinear
 from pystage.bench.report import environment, format_table, print_environment, write_json
 from pystage.bench.timing import median_ms
@@ -39,11 +43,17 @@ class Case:
         return f"conv3x3 {self.n_in}->{self.n_out} {self.spatial}x{self.spatial} b{self.batch}"
 
 
-CASES = (
+SMALL = (
     Case("linear", 4096, 4096, 256),
     Case("conv2d", 64, 64, 64, 32),
     Case("conv2d", 32, 32, 50, 32),  # the seed paper's layer (CIFAR-10, batch 50)
 )
+LARGE = (  # sized for a GPU: enough work per call that a backward is not launch-bound
+    Case("conv2d", 128, 128, 64, 56),
+    Case("conv2d", 256, 256, 64, 28),
+    Case("linear", 8192, 8192, 4096),
+)
+CASES = SMALL + LARGE  # --cases indexes this tuple
 FRACTIONS = (1.0, 0.5, 0.25, 0.1)  # 1.0: full width, every unit trainable (the forward-overhead case)
 
 
@@ -98,23 +108,39 @@ def ideal_speedup(case: Case, t_out: int, t_in: int) -> float:
     return 2 * case.n_out * case.n_in / (t_out * case.n_in + t_out * t_in)
 
 
+def _masked_backward(masked: nn.Module, x: Tensor, device: str, repeats: int) -> tuple[float, dict]:
+    """Backward time of the masked layer, and the autotuner's decision for its shape (tuned afresh)."""
+    autotune.clear_cache()
+    ms = _backward_ms(masked, x, device, repeats)
+    decisions = autotune.decisions()
+    if not decisions:
+        return ms, {"path": "full-width", "tuned": False}  # the layer ran the dense call: nothing to tune
+    d = decisions[-1]
+    info = {"path": d.path, "tuned": d.measured}
+    info.update({f"tuned_{name.replace('+', '_').replace('-', '_')}_ms": v for name, v in d.times_ms.items()})
+    return ms, info
+
+
 def measure(case: Case, t: float, device: str, dtype: torch.dtype, repeats: int, fwd_repeats: int,
-            dense_ms: dict[Case, float]) -> dict:
+            dense_ms: dict[tuple, float]) -> dict:
     t_out, t_in = _units(case.n_out, t), _units(case.n_in, t)
     x = _input(case, device, dtype)
     dense = _dense(case, device, dtype)
     masked = _masked(dense, t_out, t_in)
     composed = (ComposedLinear if case.layer == "linear" else ComposedConv2d)(masked)
-    if case not in dense_ms:
-        dense_ms[case] = _backward_ms(dense, x, device, repeats)
+    if (case, dtype) not in dense_ms:
+        dense_ms[(case, dtype)] = _backward_ms(dense, x, device, repeats)
+    masked_ms, path = _masked_backward(masked, x, device, repeats)
     row = {
         "layer": case.layer,
         "case": case.name,
+        "dtype": str(dtype).replace("torch.", ""),
         "trainable_fraction": t,
         "trainable_units": t_out,
         "trainable_inputs": t_in,
-        "dense_backward_ms": dense_ms[case],
-        "masked_backward_ms": _backward_ms(masked, x, device, repeats),
+        "dense_backward_ms": dense_ms[(case, dtype)],
+        "masked_backward_ms": masked_ms,
+        **path,
         "composed_backward_ms": _backward_ms(composed, x, device, repeats),
         "hook_backward_ms": _backward_ms(_hooked(_dense(case, device, dtype), t_out), x, device, repeats),
         "ideal_speedup": ideal_speedup(case, t_out, t_in),
@@ -130,18 +156,44 @@ def measure(case: Case, t: float, device: str, dtype: torch.dtype, repeats: int,
     return row
 
 
-COLUMNS = ["case", "trainable_fraction", "dense_backward_ms", "masked_backward_ms", "composed_backward_ms",
-           "hook_backward_ms", "speedup", "ideal_speedup", "speedup_vs_ideal", "masked_vs_composed",
-           "forward_overhead"]
+COLUMNS = ["case", "dtype", "trainable_fraction", "path", "dense_backward_ms", "masked_backward_ms",
+           "composed_backward_ms", "hook_backward_ms", "speedup", "ideal_speedup", "speedup_vs_ideal",
+           "masked_vs_composed", "forward_overhead"]
+
+
+def _cases(spec: str, device: str, large: bool) -> tuple[Case, ...]:
+    if spec == "default":
+        return CASES if device == "cuda" or large else SMALL
+    if spec == "all":
+        return CASES
+    try:
+        return tuple(CASES[int(i)] for i in spec.split(","))
+    except (ValueError, IndexError):
+        raise SystemExit(f"pystage-bench layers: --cases must be 'default', 'all' or indices in [0, {len(CASES) - 1}], "
+                         f"got {spec!r}") from None
+
+
+def _dtypes(spec: str | None, device: str) -> list[torch.dtype]:
+    names = spec.split(",") if spec else (["float32", "bfloat16"] if device == "cuda" else ["float32"])
+    bad = [n for n in names if n not in ("float32", "float16", "bfloat16")]
+    if bad:
+        raise SystemExit(f"pystage-bench layers: --dtype takes float32, float16, bfloat16; got {', '.join(bad)}")
+    return [getattr(torch, n) for n in names]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated dtypes among float32, float16, bfloat16 (default: float32 on cpu, "
+                        "float32,bfloat16 on cuda)")
     p.add_argument("--repeats", type=int, default=9, help="timed backward repeats per measurement (median)")
     p.add_argument("--forward-repeats", type=int, default=31, help="timed forward repeats (median)")
     p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="trainable fractions, comma-separated")
-    p.add_argument("--cases", default="all", help="'all' or comma-separated indices into the case list (0,1,2)")
+    p.add_argument("--cases", default="default",
+                   help="'default' (0-2 on cpu, all on cuda), 'all', or comma-separated indices into the case list: "
+                        + ", ".join(f"{i}: {c.name}" for i, c in enumerate(CASES)))
+    p.add_argument("--large", action="store_true",
+                   help="on cpu, add the GPU-sized cases 3-5 to the default ones (minutes each on a CPU)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
 
 
@@ -149,15 +201,16 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("pystage-bench layers: --device cuda asked for, but torch.cuda.is_available() is False")
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    cases = CASES if args.cases == "all" else tuple(CASES[int(i)] for i in args.cases.split(","))
+    dtypes = _dtypes(args.dtype, args.device)
+    cases = _cases(args.cases, args.device, args.large)
     fractions = [float(f) for f in args.fractions.split(",")]
     env = environment(args.device)
-    env["dtype"] = args.dtype
+    env["dtype"] = ",".join(str(d).replace("torch.", "") for d in dtypes)
+    env["autotune"] = autotune.autotune_enabled()
     print_environment(env)
-    dense_ms: dict[Case, float] = {}
+    dense_ms: dict[tuple, float] = {}
     rows = [measure(c, t, args.device, dtype, args.repeats, args.forward_repeats, dense_ms)
-            for c in cases for t in fractions]
+            for dtype in dtypes for c in cases for t in fractions]
     print(format_table(rows, COLUMNS))
     write_json(args.json, {"benchmark": "layers", "environment": env, "results": rows})
     return 0

@@ -95,6 +95,49 @@ void test_mask(int64_t out, int64_t in, int64_t inner, std::vector<int64_t> oe, 
   for (int64_t e = out * in * inner; e < out * in * inner + 8; ++e) EXPECT(to_d(w.p[e]) == 1 + e % 5, "mask wrote past end");
 }
 
+template <typename T>
+void test_narrow_copy(int64_t outer, int64_t channels, int64_t inner, int64_t c0, int64_t n, bool bias, int shift) {
+  Buf<T> g(outer * channels * inner, shift), d(outer * n * inner + 4, 0);
+  std::uniform_real_distribution<double> u(-1, 1);
+  for (int64_t e = 0; e < outer * channels * inner; ++e) g.p[e] = from_d<T>(std::round(u(rng) * 64) / 64);
+  for (int64_t e = 0; e < outer * n * inner + 4; ++e) d.p[e] = from_d<T>(96);
+  std::vector<T> out(n + 1, from_d<T>(12345));
+  size_t ws = bias ? pystage_cuda_narrow_copy_bias_workspace_size(outer, inner, n, code<T>()) : 0;
+  std::vector<double> wsbuf(ws / 8 + 1);
+  EXPECT(pystage_cuda_narrow_copy_bias(g.p, d.p, bias ? out.data() : nullptr, outer, channels, inner, c0, n,
+                                       wsbuf.data(), ws, code<T>(), 0) == cudaSuccess, "narrow copy rc");
+  for (int64_t o = 0; o < outer; ++o) for (int64_t k = 0; k < n; ++k) for (int64_t i = 0; i < inner; ++i) {
+    double got = to_d(d.p[(o * n + k) * inner + i]), want = to_d(g.p[(o * channels + c0 + k) * inner + i]);
+    if (got != want) { EXPECT(false, "narrow copy o=%ld k=%ld i=%ld got %g want %g", o, k, i, got, want); return; }
+  }
+  for (int64_t e = outer * n * inner; e < outer * n * inner + 4; ++e) EXPECT(to_d(d.p[e]) == 96, "narrow copy wrote past end");
+  if (!bias) { EXPECT(to_d(out[0]) == 12345 || sizeof(T) == 2, "copy-only wrote the bias"); return; }
+  if (ws > 0) EXPECT(pystage_cuda_narrow_copy_bias(g.p, d.p, out.data(), outer, channels, inner, c0, n, wsbuf.data(),
+                                                   ws - 1, code<T>(), 0) == cudaErrorInvalidValue, "small ws accepted");
+  for (int64_t k = 0; k < n; ++k) {
+    double want = 0;
+    for (int64_t o = 0; o < outer; ++o) for (int64_t i = 0; i < inner; ++i) want += to_d(g.p[(o * channels + c0 + k) * inner + i]);
+    double got = to_d(out[k]);
+    double tol = sizeof(T) == 2 ? 1e-2 * (1 + std::fabs(want)) : 1e-9 * (1 + std::fabs(want)) + (sizeof(T) == 4 ? 1e-4 : 0);
+    if (std::fabs(got - want) > tol) { EXPECT(false, "narrow bias outer=%ld inner=%ld k=%ld got %g want %g", outer, inner, k, got, want); return; }
+  }
+  EXPECT(to_d(out[n]) == 12345 || sizeof(T) == 2, "narrow bias wrote past n");
+}
+
+template <typename T>
+void test_pad(int64_t outer, int64_t n, int64_t channels, int64_t inner, int64_t c0, int shift_a, int shift_b) {
+  Buf<T> src(outer * n * inner + 1, shift_a), dst(outer * channels * inner + 4, shift_b);
+  for (int64_t e = 0; e < outer * n * inner; ++e) src.p[e] = from_d<T>(1 + e % 11);
+  for (int64_t e = 0; e < outer * channels * inner + 4; ++e) dst.p[e] = from_d<T>(-3);
+  EXPECT(pystage_cuda_pad_dim1(src.p, dst.p, outer, n, channels, inner, c0, code<T>(), 0) == cudaSuccess, "pad rc");
+  for (int64_t o = 0; o < outer; ++o) for (int64_t c = 0; c < channels; ++c) for (int64_t i = 0; i < inner; ++i) {
+    double got = to_d(dst.p[(o * channels + c) * inner + i]);
+    double want = (c >= c0 && c < c0 + n) ? to_d(src.p[(o * n + c - c0) * inner + i]) : 0;
+    if (got != want) { EXPECT(false, "pad o=%ld c=%ld i=%ld got %g want %g", o, c, i, got, want); return; }
+  }
+  for (int64_t e = outer * channels * inner; e < outer * channels * inner + 4; ++e) EXPECT(to_d(dst.p[e]) == -3, "pad wrote past end");
+}
+
 template <typename T> void all() {
   for (int shift_a : {0, 1}) for (int shift_b : {0, 1, 3}) {
     test_copy<T>(3, 7, 1, 4, shift_a, shift_b);
@@ -119,12 +162,30 @@ template <typename T> void all() {
     test_mask<T>(4, 8, 4, {4}, {8}, shift);               // one step: nothing zeroed
     test_mask<T>(70, 40, 3, {10, 30, 70}, {0, 20, 40}, shift);
   }
+  for (int shift : {0, 1}) for (bool bias : {true, false}) {
+    test_narrow_copy<T>(3, 5, 49, 1, 3, bias, shift);      // direct (one split)
+    test_narrow_copy<T>(130, 4, 64, 1, 2, bias, shift);    // several splits
+    test_narrow_copy<T>(40, 6, 1024, 2, 4, bias, shift);   // long runs
+    test_narrow_copy<T>(9, 3, 33, 0, 3, bias, shift);      // the whole tensor, a ragged run
+    test_narrow_copy<T>(0, 3, 40, 1, 2, bias, shift);      // empty batch: zero bias
+  }
+  for (int shift : {0, 1}) test_narrow_copy<T>(17, 5, 3, 2, 2, false, shift);  // copy only: any inner
+  for (int sa : {0, 1}) for (int sb : {0, 3}) {
+    test_pad<T>(3, 2, 5, 9, 1, sa, sb);
+    test_pad<T>(2, 4, 4, 16, 0, sa, sb);    // no padding at all
+    test_pad<T>(5, 0, 3, 4, 3, sa, sb);     // nothing to place: all zeros
+    test_pad<T>(4, 3, 7, 1, 4, sa, sb);     // inner 1, block at the end
+  }
 }
 
 int main() {
   all<float>(); all<double>(); all<__half>(); all<__nv_bfloat16>();
   int64_t i0 = 0;
   EXPECT(pystage_cuda_gather_dim1(nullptr, nullptr, &i0, 1, 1, 1, 1, 9, 0) == cudaErrorInvalidValue, "bad dtype");
+  float f[64] = {};
+  EXPECT(pystage_cuda_narrow_copy_bias(f, f, f, 2, 4, 8, 0, 2, nullptr, 0, 0, 0) == cudaErrorInvalidValue, "bias with inner < 32");
+  EXPECT(pystage_cuda_narrow_copy_bias(f, f, nullptr, 2, 4, 8, 3, 2, nullptr, 0, 0, 0) == cudaErrorInvalidValue, "c0 + n > channels");
+  EXPECT(pystage_cuda_pad_dim1(f, f, 2, 3, 4, 1, 2, 0, 0) == cudaErrorInvalidValue, "pad past channels");
   printf("%s: %d failures, %lld launches\n", fails ? "FAILED" : "OK", fails, sim::launches);
   return fails != 0;
 }
