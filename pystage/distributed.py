@@ -18,11 +18,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pystage.errors import PystageError
+
 log = logging.getLogger(__name__)
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-class DistributedStateError(RuntimeError):
+class DistributedStateError(PystageError, RuntimeError):
     """Ranks that disagree about something they must agree on (a cached stage, a shard), or a bad environment."""
 
     def __init__(self, what: str, values: Any, rank: int, size: int) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional, Sequence, Union
 
+from pystage.errors import PystageError
+
 _IntPair = Union[int, Sequence[int]]
 
 
-class GrowthError(ValueError):
+class GrowthError(PystageError, ValueError):
     """A growth or freeze request that the layer cannot satisfy; carries the numbers."""
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pystage.errors import PystageError
 from pystage.staged import Stage, StagedNet, make_head
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ MODES = ("concat", "sum")
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid)
 
 
-class PathwayError(ValueError):
+class PathwayError(PystageError, ValueError):
     """A pathway request that does not fit the model; the message names the mode, widths or layer."""
 
 

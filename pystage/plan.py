@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from pystage.errors import PystageError
 from pystage.memory.profile import MemoryProfile, profile
 from pystage.memory.step import HeadFactory, linear_head
 from pystage.splits import Cost, choose_splits, min_feasible_budget
@@ -37,7 +38,7 @@ def default_split_after(layer: nn.Module) -> bool:
     return not isinstance(layer, NO_SPLIT_AFTER)
 
 
-class PlanError(ValueError):
+class PlanError(PystageError, ValueError):
     """No split of the model fits. ``min_feasible``: the smallest memory budget any split fits; ``layer``: the
     index of the layer that sets it (``stage``: the [start, stop) it sits in); or, for the disk budget,
     ``min_disk``: the fewest store bytes any memory-feasible plan needs."""

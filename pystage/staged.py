@@ -13,10 +13,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from pystage.errors import PystageError
+
 HEADS = ("linear", "pool-linear")
 
 
-class StageError(ValueError):
+class StageError(PystageError, ValueError):
     """A staging request that does not fit the model; the message names the argument and the valid range."""
 
 

@@ -10,6 +10,8 @@ import math
 import re
 from typing import Union
 
+from pystage.errors import PystageError
+
 Bytes = Union[int, str]
 
 _UNITS = {
@@ -22,7 +24,7 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
-class SizeError(ValueError):
+class SizeError(PystageError, ValueError):
     """A value that is not a byte size; ``value`` is what was given, ``name`` the argument it came from."""
 
     def __init__(self, name: str, value: object, reason: str) -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pystage.errors import UsageError
 from pystage.bench import paper
 
 TINY = dict(draws=1, width=4, seed=0)
@@ -69,7 +70,7 @@ def test_run_prints_tables_and_writes_json(tiny_data, tmp_path, capsys) -> None:
 
 
 def test_cifar10_needs_a_path() -> None:
-    with pytest.raises(SystemExit, match="--path"):
+    with pytest.raises(UsageError, match="--path"):
         paper.load_data("cifar10", None, None, None, 0)
 
 

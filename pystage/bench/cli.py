@@ -64,11 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     module = importlib.import_module(JOBS[args.job][0])
     try:
         return int(module.run(args) or 0)
-    except SystemExit as exc:  # jobs that still raise SystemExit("pystage-bench <job>: <message>") for user errors
-        if not isinstance(exc.code, str):
-            raise
-        prefix = f"pystage-bench {args.job}: "
-        return _user_error(args, exc.code[len(prefix):] if exc.code.startswith(prefix) else exc.code)
     except Exception as exc:
         from pystage.bench.errors import user_errors
 

@@ -1,8 +1,8 @@
 """Which exceptions ``pystage-bench`` prints as one line (the user's to fix), and how they leave worker processes.
 
-A user error is a :class:`pystage.errors.PystageError` (bad data, unknown model, bad option), or one of the
-typed errors of modules that predate that base (an impossible budget, a bad size, a full disk). Anything else
-is a bug and keeps its traceback. Jobs that run methods in child processes (``train``, ``budget``) get a user
+A user error is a :class:`pystage.errors.PystageError` (bad data, unknown model, bad option, an impossible
+budget, a bad size, a full disk, a corrupt store, a diverged stage). Anything else is a bug and keeps its
+traceback. Jobs that run methods in child processes (``train``, ``budget``) get a user
 error raised there back as :class:`WorkerError`, with the child's traceback for ``-v``.
 """
 from __future__ import annotations
@@ -23,11 +23,7 @@ class WorkerError(PystageError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types a job reports as ``pystage-bench <job>: error: <message>`` (exit status 2)."""
-    from pystage.plan import PlanError
-    from pystage.store.errors import StoreDiskFullError
-    from pystage.units import SizeError
-
-    return (PystageError, PlanError, SizeError, StoreDiskFullError)
+    return (PystageError,)
 
 
 def to_json(exc: BaseException) -> dict[str, Any]:

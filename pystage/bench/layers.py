@@ -25,6 +25,7 @@ from pystage import autotune
 from pystage.bench.composed import ComposedConv2d, ComposedLinear
 from pystage.bench.report import environment, format_table, print_environment, write_json
 from pystage.bench.timing import median_ms
+from pystage.errors import UsageError
 from pystage.layers import MaskedConv2d, MaskedLinear
 
 
@@ -169,7 +170,7 @@ def _cases(spec: str, device: str, large: bool) -> tuple[Case, ...]:
     try:
         return tuple(CASES[int(i)] for i in spec.split(","))
     except (ValueError, IndexError):
-        raise SystemExit(f"pystage-bench layers: --cases must be 'default', 'all' or indices in [0, {len(CASES) - 1}], "
+        raise UsageError(f"--cases must be 'default', 'all' or indices in [0, {len(CASES) - 1}], "
                          f"got {spec!r}") from None
 
 
@@ -177,7 +178,7 @@ def _dtypes(spec: str | None, device: str) -> list[torch.dtype]:
     names = spec.split(",") if spec else (["float32", "bfloat16"] if device == "cuda" else ["float32"])
     bad = [n for n in names if n not in ("float32", "float16", "bfloat16")]
     if bad:
-        raise SystemExit(f"pystage-bench layers: --dtype takes float32, float16, bfloat16; got {', '.join(bad)}")
+        raise UsageError(f"--dtype takes float32, float16, bfloat16; got {', '.join(bad)}")
     return [getattr(torch, n) for n in names]
 
 
@@ -199,7 +200,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("pystage-bench layers: --device cuda asked for, but torch.cuda.is_available() is False")
+        raise UsageError("--device cuda asked for, but torch.cuda.is_available() is False")
     torch.manual_seed(0)
     dtypes = _dtypes(args.dtype, args.device)
     cases = _cases(args.cases, args.device, args.large)

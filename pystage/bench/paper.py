@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from pystage import data as pdata
 from pystage import models
 from pystage.bench.report import environment, format_table, print_environment, write_json
+from pystage.errors import UsageError
 from pystage.staged import StagedNet
 from pystage.store import FeatureStore
 from pystage.train import FitReport, SearchConfig, fit
@@ -271,12 +272,12 @@ def load_data(name: str, path: Optional[str], n: Optional[int], n_val: Optional[
         n_val = max(50, n // 5) if n_val is None else n_val
         return pdata.synthetic(n=n, seed=seed, split="train"), pdata.synthetic(n=n_val, seed=seed, split="val")
     if path is None:
-        raise SystemExit("pystage-bench paper: --data cifar10 needs --path DIR (the cifar-10-batches-py folder)")
+        raise UsageError("--data cifar10 needs --path DIR (the cifar-10-batches-py folder)")
     full = pdata.cifar10(path, "train")
     n_val = 1000 if n_val is None else n_val  # CS231n's split: 49000 train, 1000 validation
     rest = len(full) - n_val
     if not 0 < n_val < len(full):
-        raise SystemExit(f"pystage-bench paper: --n-val must be in [1, {len(full) - 1}], got {n_val}")
+        raise UsageError(f"--n-val must be in [1, {len(full) - 1}], got {n_val}")
     n = rest if n is None else min(n, rest)
     return full.subset(torch.arange(n)), full.subset(torch.arange(rest, len(full)))
 
@@ -367,7 +368,7 @@ def search_times(results: list[dict[str, Any]], modes: Sequence[str]) -> list[di
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("pystage-bench paper: --device cuda asked for, but torch.cuda.is_available() is False")
+        raise UsageError("--device cuda asked for, but torch.cuda.is_available() is False")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     names = [m.strip().lower() for m in args.models.split(",") if m.strip()]

@@ -14,6 +14,7 @@ import torch
 
 from pystage import models
 from pystage.bench.report import environment, format_table, print_environment, write_json
+from pystage.errors import UsageError
 from pystage.memory import StageMemory, linear_head, pooled_head, profile
 from pystage.plan import Plan, plan, plan_with_splits
 from pystage.units import mib, parse_bytes
@@ -68,7 +69,7 @@ def _row(name: str, layers: str, predicted: StageMemory, measured: StageMemory |
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and args.verify and not torch.cuda.is_available():
-        raise SystemExit("pystage-bench plan: --verify on --device cuda needs a GPU; drop --verify to estimate only")
+        raise UsageError("--verify on --device cuda needs a GPU; drop --verify to estimate only")
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     shape = tuple(int(s) for s in args.input_shape.split(","))

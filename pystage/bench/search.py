@@ -32,6 +32,7 @@ from pystage import data as pdata
 from pystage import models
 from pystage.bench.report import environment, format_table, print_environment, write_json
 from pystage.bench.timing import sync
+from pystage.errors import UsageError
 from pystage.store import FeatureStore
 from pystage.train import SearchConfig, fit
 
@@ -119,7 +120,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, Any
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("pystage-bench search: --device cuda asked for, but torch.cuda.is_available() is False")
+        raise UsageError("--device cuda asked for, but torch.cuda.is_available() is False")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     train = pdata.synthetic(n=args.n, seed=args.seed, split="train")

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from pystage.errors import PystageError
 from pystage.memory.cuda import CudaTarget
 from pystage.memory.measure import StageMemory, estimate_step, measure_cpu_step, measure_cuda_step
 from pystage.memory.step import (HeadFactory, Standin, build_stage, linear_head, make_optimizer, meta_copy,
@@ -139,7 +140,7 @@ class MemoryProfile:
         return self._meta
 
 
-class ProfileError(ValueError):
+class ProfileError(PystageError, ValueError):
     """A layer cannot run on the shape it is given (``layer``: its index, ``in_shape``: one sample's input)."""
 
     def __init__(self, message: str, *, layer: int, in_shape: tuple[int, ...]) -> None:

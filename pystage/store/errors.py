@@ -4,8 +4,10 @@ from __future__ import annotations
 import errno
 from typing import Any, Optional
 
+from pystage.errors import PystageError
 
-class StoreError(Exception):
+
+class StoreError(PystageError):
     """Base class of every feature-store error."""
 
 

@@ -164,7 +164,7 @@ def _width(layer: nn.Module) -> int:
 
 def fit_capacity(model: nn.Module, train: Dataset, val: Optional[Dataset], growth: Optional[CapacityConfig], *,
                  epochs: int, batch_size: int, device: torch.device, config: TrainConfig, seed: int = 0,
-                 head: str = "linear", progress: Optional[Progress] = None, measure_memory: bool = False,
+                 head: str = "linear", progress: Optional[Progress] = None, measure_memory: bool = True,
                  **_: Any) -> FitResult:
     """Train ``model`` (an ``nn.Sequential``) growing its capacity on loss plateaus; see the module doc."""
     cfg = growth if growth is not None else CapacityConfig()

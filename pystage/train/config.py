@@ -14,7 +14,7 @@ __all__ = ["FIT_OPTIONS", "GROWING_METHODS", "METHODS", "Method", "TrainConfig",
 # fit's optional arguments with their defaults: a method that does not support one raises when it is given another
 # value ("distributed": running inside a process group of more than one process)
 FIT_OPTIONS: dict[str, Any] = {"memory_budget": None, "search": None, "store": None, "checkpoint_dir": None,
-                               "share_prefixes": True, "store_dtype": torch.float16, "measure_memory": False,
+                               "share_prefixes": True, "store_dtype": torch.float16, "measure_memory": True,
                                "growth": None, "distributed": False}
 _STAGE_OPTIONS = frozenset(FIT_OPTIONS) - {"growth"}
 

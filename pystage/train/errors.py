@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pystage.errors import PystageError
 
-class TrainError(Exception):
+
+class TrainError(PystageError):
     """Base class of pystage's training errors."""
 
 

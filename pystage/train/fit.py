@@ -44,16 +44,16 @@ def fit(model: nn.Module, train: Any, val: Any = None, method: str = "partial", 
         store: Optional[FeatureStore] = None, device: Union[str, torch.device, None] = None,
         checkpoint_dir: Optional[str] = None, *, config: Optional[TrainConfig] = None, seed: int = 0,
         head: str = "linear", progress: Optional[bool] = None, share_prefixes: bool = True,
-        store_dtype: torch.dtype = torch.float16, measure_memory: bool = False, growth: Any = None) -> FitResult:
+        store_dtype: torch.dtype = torch.float16, measure_memory: bool = True, growth: Any = None) -> FitResult:
     """Train ``model`` (an ``nn.Sequential`` with ``split_points``, or a ``StagedNet``) on ``train``.
 
     ``train``/``val``: Datasets of ``(x, y)`` or ``(x, y)`` arrays (``pystage.data.as_dataset``). Trained
     stages are kept under ``checkpoint_dir`` (default: ``<store root>/stages``), keyed by content: a run
     started again with the same arguments resumes from the last finished stage (and epoch), and identical
     prefixes of other architectures are trained once (``share_prefixes=False`` retrains them). Returns the
-    trained ``StagedNet`` (in eval mode) and a per-stage report. With ``memory_budget`` (or
-    ``measure_memory=True``) each stage's second training step is measured by live-tensor accounting
-    (``StageReport.measured_peak_mib``). Arguments, data and model are checked before anything trains
+    trained ``StagedNet`` (in eval mode) and a per-stage report. Each stage's second training step is
+    measured by live-tensor accounting (``StageReport.measured_peak_mib``: the training memory a budget
+    limits; ``measure_memory=False`` skips it). Arguments, data and model are checked before anything trains
     (``pystage.train.errors``); a non-finite loss or weight stops a stage with ``NonFiniteError``.
     """
     m = get_method(method)

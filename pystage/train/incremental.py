@@ -108,7 +108,7 @@ def fit_incremental(model: nn.Module, train: Dataset, val: Optional[Dataset], gr
                     epochs: int, batch_size: int, device: torch.device, config: TrainConfig, seed: int = 0,
                     store: Optional[FeatureStore] = None, head: str = "linear", progress: Optional[Progress] = None,
                     store_dtype: torch.dtype = torch.float16, checkpoint_dir: Any = None, share_prefixes: bool = True,
-                    measure_memory: bool = False, **_: Any) -> FitResult:
+                    measure_memory: bool = True, **_: Any) -> FitResult:
     """Train ``model`` (``nn.Sequential`` with ``split_points``, or ``StagedNet``) incrementally; see the module doc."""
     cfg = growth if growth is not None else IncrementalConfig()
     if not isinstance(cfg, IncrementalConfig):

@@ -65,12 +65,15 @@ class FitReport:
     def __str__(self) -> str:
         from pystage.bench.report import format_table
 
-        rows = [{**asdict(s), "val_acc": _pct(s.val_acc), "train_acc": _pct(s.train_acc)} for s in self.stages]
-        cols = ["stage", "layers", "seconds", "peak_mem_mib", "train_acc", "val_acc", "lr", "weight_decay", "trials",
-                "cached", "store_bytes"]
+        meter = "cuda_peak_mib" if self.device.startswith("cuda") else "rss_peak_mib"  # what peak_mem_mib measured
+        rows = [{**asdict(s), meter: s.peak_mem_mib, "val_acc": _pct(s.val_acc), "train_acc": _pct(s.train_acc)}
+                for s in self.stages]
+        cols = ["stage", "layers", "seconds", "measured_peak_mib", "train_acc", "val_acc", "lr", "weight_decay",
+                "trials", "cached", "store_bytes", meter]
         cols[4:4] = [c for c in ("planned_mib", "used_mib", "reserved_mib") if any(r[c] is not None for r in rows)]
         head = (f"method={self.method} epochs={self.epochs} batch_size={self.batch_size} device={self.device} "
-                f"wall_s={self.wall_s:.2f} (peak memory: {self.peak_mem_source})")
+                f"wall_s={self.wall_s:.2f} (measured_peak_mib: training memory of one steady-state step, what a "
+                f"budget limits; {meter}: {self.peak_mem_source})")
         text = head + "\n" + format_table(rows, cols)
         return f"{self.plan}\n{text}" if self.plan is not None else text
 
