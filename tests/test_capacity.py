@@ -59,6 +59,16 @@ def test_growth_options_are_checked():
         CapacityConfig(sample_every=-1)
     with pytest.raises(GrowthConfigError, match="rule"):
         PlateauDetector(10, 10, 0.0, rule="x")
+    with pytest.raises(GrowthConfigError, match="min_batches must be >= 1, got 0"):
+        CapacityConfig(rule="every")
+
+
+def test_rule_every_grows_on_a_fixed_schedule():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 20), nn.ReLU(), nn.Linear(20, 1))
+    res = pystage.fit(net, _sine(), None, method="capacity", epochs=2, batch_size=20, progress=False,
+                      growth=CapacityConfig(fractions=4, rule="every", min_batches=6))
+    assert [h["batch"] for h in res.report.history if h["event"] == "grow"] == [6, 12, 18]
 
 
 def test_masked_chain_converts_all_but_the_output_layer():

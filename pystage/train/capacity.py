@@ -4,9 +4,10 @@ Every ``nn.Linear``/``nn.Conv2d`` of the model but the output layer becomes a ma
 (``pystage.layers``) that starts with the first fraction of its units. The moving average of the
 per-batch training loss is watched; when it has not improved by ``tolerance`` (relative) for
 ``patience`` batches (``rule="best"``; ``rule="thesis"``: when it is not below its value ``patience``
-batches earlier), the next fraction is activated in every layer at once (``grow_chain``): the units
-trained so far are frozen (the compiled masked backward does no work for them) and the new units learn
-what the old ones get wrong. The output layer stays dense and trainable: it reads every unit.
+batches earlier; ``rule="every"``: a fixed schedule, every ``min_batches`` batches), the next fraction
+is activated in every layer at once (``grow_chain``): the units trained so far are frozen (the compiled
+masked backward does no work for them) and the new units learn what the old ones get wrong. The output
+layer stays dense and trainable: it reads every unit.
 Every ``sample_every``-th batch's training loss is kept in the report's history (the thesis's "samples").
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pystage.train.sources import DatasetSource
 
 log = logging.getLogger(__name__)
 LOSSES = ("auto", "ce", "mse")
-RULES = ("best", "thesis")
+RULES = ("best", "thesis", "every")
 _Masked = (MaskedLinear, MaskedConv2d)
 
 
@@ -51,7 +52,8 @@ class CapacityConfig:
     loss: "ce" (classes), "mse" (regression) or "auto" (mse for float targets).
     rule: "best": a plateau is ``patience`` batches without a new best average; "thesis": the average is
         not below its own value ``patience`` batches earlier (the thesis's "fails to improve within the
-        last 10 batches", read literally). See ``PlateauDetector``.
+        last 10 batches", read literally); "every": no plateau watch, grow every ``min_batches`` batches
+        (the schedule of the thesis's CIFAR-100 run). See ``PlateauDetector``.
     sample_every: keep every n-th batch's training loss in the report's history as a "sample" event
         (the thesis samples every 100 steps); 0: none.
     """
@@ -80,6 +82,9 @@ class CapacityConfig:
             raise GrowthConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}", "loss", self.loss)
         if self.rule not in RULES:
             raise GrowthConfigError(f"rule must be one of {RULES}, got {self.rule!r}", "rule", self.rule)
+        if self.rule == "every" and self.min_batches < 1:
+            raise GrowthConfigError(f"rule='every' grows every min_batches batches: min_batches must be >= 1, got "
+                                    f"{self.min_batches}", "min_batches", self.min_batches)
         schedule(self.fractions)
 
 
@@ -111,6 +116,7 @@ class PlateauDetector:
     ``rule="best"``: a plateau is ``patience`` updates in a row without a new best (below the best so far
     by ``tolerance``, relative). ``rule="thesis"``: a plateau is an average not below ``1 - tolerance``
     times the average ``patience`` updates earlier (so the earliest is after ``window + patience`` losses).
+    ``rule="every"``: every update is a plateau (the caller's ``min_batches`` alone spaces the growths).
     """
 
     def __init__(self, window: int, patience: int, tolerance: float, rule: str = "best") -> None:
@@ -130,6 +136,8 @@ class PlateauDetector:
 
     def update(self, loss: float) -> bool:
         self.losses.append(loss)
+        if self.rule == "every":
+            return True
         if len(self.losses) < self.window:
             return False
         avg = self.average
