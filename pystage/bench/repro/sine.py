@@ -42,6 +42,8 @@ READINGS: dict[str, dict[str, Any]] = {
                           min_batches=0),
     "every-8-epochs": dict(points=10000, lr=1e-3, rule="every", window=10, patience=10, tolerance=0.0,
                            min_batches=8 * 10000 // BATCH),
+    "every-8-epochs-lr1e-2": dict(points=10000, lr=1e-2, rule="every", window=10, patience=10, tolerance=0.0,
+                                  min_batches=8 * 10000 // BATCH),
     "small": dict(points=1000, lr=1e-2, rule="best", window=10, patience=10, tolerance=0.0, min_batches=150),
     "small-thesis": dict(points=1000, lr=1e-2, rule="thesis", window=10, patience=10, tolerance=0.0,
                          min_batches=0),
@@ -167,24 +169,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sine: comma-separated readings of the thesis, or 'all' (each reuses the fixed nets "
                              f"of an earlier one with the same data and lr); one of {sorted(READINGS)} "
                              f"(default {DEFAULT_READING})")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"sine: comma-separated variants to train (default all: {','.join(VARIANTS)})")
 
 
-def _readings(arg: str) -> list[str]:
-    names = list(READINGS) if arg == "all" else [a.strip() for a in arg.split(",") if a.strip()]
-    unknown = [n for n in names if n not in READINGS]
+def _names(arg: str, known: Sequence[str], option: str) -> list[str]:
+    names = list(known) if arg == "all" else [a.strip() for a in arg.split(",") if a.strip()]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise SystemExit(f"--reading: unknown reading(s) {unknown or [arg]}; expected 'all' or some of "
-                         f"{sorted(READINGS)}")
+        raise SystemExit(f"{option}: unknown name(s) {unknown or [arg]}; expected 'all' or some of {sorted(known)}")
     return names
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs or EPOCHS
-    readings = _readings(getattr(args, "reading", DEFAULT_READING))
+    readings = _names(getattr(args, "reading", DEFAULT_READING), list(READINGS), "--reading")
+    variants = _names(getattr(args, "variants", "all"), list(VARIANTS), "--variants")
     rows, details, fixed = [], {}, {}
     for reading in readings:
         setting = (READINGS[reading]["points"], READINGS[reading]["lr"])
-        for variant in VARIANTS:
+        for variant in variants:
             key = (variant, *setting) if variant != "adaptive" else (variant, reading)
             if key not in fixed:  # a fixed net does not depend on the growth rule
                 fixed[key] = [train_variant(variant, seed, epochs, reading) for seed in range(args.seeds)]
