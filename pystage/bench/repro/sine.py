@@ -112,7 +112,7 @@ def summarise(reading: str, variant: str, runs: Sequence[dict[str, Any]], epochs
     """One table row: each measure's mean over seeds ± its standard error (numbers kept for the JSON)."""
     row: dict[str, Any] = {"reading": reading, "variant": variant, "metric": "test_mse", "seeds": len(runs),
                            "epochs": epochs, "samples": min(r["samples"] for r in runs)}
-    for key, label in (("test_mse", "test MSE"), ("final_mean", "final-10 mean"), ("final_std", "final-10 std")):
+    for key, label in MEASURES:
         mean, se = _mean_se([r[key] for r in runs])
         row[f"{key}_mean"], row[f"{key}_se"], row[label] = mean, se, _cell(mean, se)
         row[f"{key}_values"] = [r[key] for r in runs]
@@ -122,6 +122,24 @@ def summarise(reading: str, variant: str, runs: Sequence[dict[str, Any]], epochs
         "/".join(str(round(statistics.fmean(g[i] for g in grows if len(g) > i)))
                  for i in range(max(len(g) for g in grows)))
     return row
+
+
+MEASURES = (("test_mse", "test MSE"), ("final_mean", "final-10 mean"), ("final_std", "final-10 std"))
+PAIRED_COLUMNS = ["reading", "measure", "adaptive - fixed-100", "adaptive - fixed-500"]
+
+
+def paired(reading: str, runs: dict[str, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Adaptive minus each fixed net, seed by seed (same data, same batches): mean ± standard error of the
+    difference, and on how many seeds the adaptive net was lower."""
+    rows = []
+    for key, label in MEASURES:
+        row: dict[str, Any] = {"reading": reading, "measure": label}
+        for other in ("fixed-100", "fixed-500"):
+            diffs = [a[key] - b[key] for a, b in zip(runs["adaptive"], runs[other])]
+            mean, se = _mean_se(diffs)
+            row[f"adaptive - {other}"] = f"{mean:+.2g} ± {se:.2g} ({sum(d < 0 for d in diffs)}/{len(diffs)} lower)"
+        rows.append(row)
+    return rows
 
 
 def _chain(kind: str, width: int) -> list[nn.Module]:
@@ -185,22 +203,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs or EPOCHS
     readings = _names(getattr(args, "reading", DEFAULT_READING), list(READINGS), "--reading")
     variants = _names(getattr(args, "variants", "all"), list(VARIANTS), "--variants")
-    rows, details, fixed = [], {}, {}
+    rows, pairs, details, done = [], [], {}, {}
     for reading in readings:
         setting = (READINGS[reading]["points"], READINGS[reading]["lr"])
+        runs = {}
         for variant in variants:
             key = (variant, *setting) if variant != "adaptive" else (variant, reading)
-            if key not in fixed:  # a fixed net does not depend on the growth rule
-                fixed[key] = [train_variant(variant, seed, epochs, reading) for seed in range(args.seeds)]
-            rows.append(summarise(reading, variant, fixed[key], epochs))
-            details[f"{reading}/{variant}"] = fixed[key]
+            if key not in done:  # a fixed net does not depend on the growth rule: trained once per data and lr
+                done[key] = [train_variant(variant, seed, epochs, reading) for seed in range(args.seeds)]
+            runs[variant] = details[f"{reading}/{variant}"] = done[key]
+            rows.append(summarise(reading, variant, runs[variant], epochs))
+        if len(runs) == len(VARIANTS) and args.seeds > 1:
+            pairs += paired(reading, runs)
     backward = [backward_ratio("linear", 1000, 512), backward_ratio("conv", 80, 32, 32)]
     cols = ["layer", "trainable_fraction", "grown_ms", "full_ms", "ratio"]
-    used = "; ".join(f"{r}: {READINGS[r]}" for r in readings)
+    used = "; ".join(f"{r}: {READINGS[r]['points']} points/epoch, lr {READINGS[r]['lr']}, rule {READINGS[r]['rule']}"
+                     f", min_batches {READINGS[r]['min_batches']}" for r in readings)
+    notes = [f"{epochs} epochs, batch {BATCH}, Adam; cells: mean over seeds ± standard error. test MSE on a "
+             f"{N_TEST}-point grid; final-10: mean / population std of the training loss over the final {FINAL} "
+             f"samples (a sample: the loss of every {SAMPLE_EVERY}th batch). Plateau window 10, patience 10, "
+             f"tolerance 0. Readings: {used}."]
+    if pairs:
+        notes += ["Paired by seed (adaptive minus fixed; negative: adaptive lower):", markdown(pairs, PAIRED_COLUMNS)]
+    notes += ["Backward of a grown layer at trainable fraction 0.2 vs its full backward (same run, median ms):",
+              markdown(backward, cols)]
     return {"title": "Sine regression, dynamic capacity (thesis Table 5.2): test MSE and final-10 training loss",
-            "rows": rows, "columns": COLUMNS, "details": details, "backward": backward, "readings": readings,
-            "notes": [f"{epochs} epochs, batch {BATCH}, Adam; cells: mean over seeds ± standard error. test MSE on a "
-                      f"{N_TEST}-point grid; final-10: mean / population std of the training loss over the final "
-                      f"{FINAL} samples (a sample: the loss of every {SAMPLE_EVERY}th batch). Readings: {used}.",
-                      "Backward of a grown layer at trainable fraction 0.2 vs its full backward (same run, median ms):",
-                      markdown(backward, cols)]}
+            "rows": rows, "columns": COLUMNS, "paired": pairs, "details": details, "backward": backward,
+            "readings": {r: READINGS[r] for r in readings}, "notes": notes}
