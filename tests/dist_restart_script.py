@@ -86,8 +86,6 @@ def main(out: str) -> None:
     killed = _fit(os.path.join(out, "killed"))
     counts = dict(COUNTS)
     KILL["armed"] = False
-    with open(os.path.join(out, f"attempt{ATTEMPT}-rank{RANK}"), "a") as f:
-        f.write(f"{time.time()}\n")
     reference = _fit(os.path.join(out, "reference"))
     if RANK == 0:
         torch.save({"attempt": ATTEMPT, "state": killed.model.state_dict(), "report": killed.report.to_dict(),
