@@ -73,12 +73,38 @@ def init(device: torch.device) -> tuple[World, torch.device]:
             local = int(os.environ["LOCAL_RANK"])
             if device.type == "cuda":
                 torch.cuda.set_device(local)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            backend, store = "nccl" if device.type == "cuda" else "gloo", _restart_store(size)
+            if store is None:
+                dist.init_process_group(backend)
+            else:
+                dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=size)
             log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), size, dist.get_backend())
     w = world()
     if w.active and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", w.local_rank)
     return w, device
+
+
+def _restart_store(size: int) -> Optional[dist.Store]:
+    """torchrun's shared store with this restart's keys kept apart from the killed group's; None: torch's default.
+
+    torchrun (the c10d rendezvous) hands every worker group the same agent-hosted TCPStore, restart after
+    restart. The killed group's keys (each rank's gloo/NCCL address) are still in it, and a restarted rank can
+    read its peer's old address before the peer replaces it: it connects to a dead port (refused, or a hang).
+    On one node every worker of a group has the same TORCHELASTIC_RESTART_COUNT: its prefix isolates each
+    restart. Across nodes the counts can differ (a node restarted for a peer's failure does not count it),
+    so there torch's default stays; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun instead.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
+        return None
+    if os.environ.get("LOCAL_WORLD_SIZE", str(size)) != str(size):
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+            log.warning("torchrun restarts across nodes with a shared rendezvous store can reconnect to the "
+                        "killed group's ports; run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                          timeout=dist.default_pg_timeout)
+    return dist.PrefixStore(f"pystage/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _device() -> torch.device:

@@ -38,6 +38,39 @@ def test_plateau_on_hand_made_curves():
     assert any(det.update(v) for v in noisy_flat)
 
 
+def test_thesis_rule_compares_the_average_with_its_value_patience_batches_earlier():
+    det = PlateauDetector(window=2, patience=3, tolerance=0.0, rule="thesis")
+    falling = [1.0 / (1 + i) for i in range(20)]
+    assert not any(det.update(v) for v in falling)  # every average below the one 3 updates earlier
+    det.reset()
+    # averages from the 2nd loss on: 1.0, 0.75, 0.5, 0.5, 0.5, 0.5, 0.7; the 6th (0.5) is the first not below
+    # the average 3 updates before it (0.5): it fires at the 7th loss, and again at the 8th (0.7 >= 0.5)
+    fired = [det.update(v) for v in [1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.9]]
+    assert fired == [False] * 6 + [True, True]
+    det.reset()
+    assert not any(det.update(v) for v in [0.5] * 4)  # needs window + patience losses before it can fire
+    assert det.update(0.5)  # flat: the 5th loss (4th average) is not below the 1st average
+
+
+def test_growth_options_are_checked():
+    with pytest.raises(GrowthConfigError, match="rule must be one of"):
+        CapacityConfig(rule="loose")
+    with pytest.raises(GrowthConfigError, match="sample_every=-1"):
+        CapacityConfig(sample_every=-1)
+    with pytest.raises(GrowthConfigError, match="rule"):
+        PlateauDetector(10, 10, 0.0, rule="x")
+    with pytest.raises(GrowthConfigError, match="min_batches must be >= 1, got 0"):
+        CapacityConfig(rule="every")
+
+
+def test_rule_every_grows_on_a_fixed_schedule():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 20), nn.ReLU(), nn.Linear(20, 1))
+    res = pystage.fit(net, _sine(), None, method="capacity", epochs=2, batch_size=20, progress=False,
+                      growth=CapacityConfig(fractions=4, rule="every", min_batches=6))
+    assert [h["batch"] for h in res.report.history if h["event"] == "grow"] == [6, 12, 18]
+
+
 def test_masked_chain_converts_all_but_the_output_layer():
     net = nn.Sequential(nn.Linear(1, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
     out, chain = masked_chain(net, schedule(5))
@@ -84,6 +117,26 @@ def test_fit_capacity_grows_in_steps_on_plateaus():
     assert res.model[0].frozen_units == 15 and res.model[0].trainable_units == 5
     end = res.report.history[-1]
     assert end["event"] == "end" and end["val_mse"] >= 0 and res.report.stages[0].val_acc is None
+
+
+def test_samples_are_every_nth_batch_loss_and_the_thesis_rule_grows():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 20), nn.ReLU(), nn.Linear(20, 1))
+    growth = CapacityConfig(fractions=4, window=2, patience=2, tolerance=0.0, rule="thesis", sample_every=3)
+    res = pystage.fit(net, _sine(), None, method="capacity", epochs=2, batch_size=20, progress=False,
+                      config=TrainConfig(lr=1e-2), growth=growth)  # 10 batches an epoch: 20 in all
+    samples = [h for h in res.report.history if h["event"] == "sample"]
+    assert [s["batch"] for s in samples] == [3, 6, 9, 12, 15, 18]
+    assert [s["epoch"] for s in samples] == [0, 0, 0, 1, 1, 1]
+    assert all(s["train_loss"] >= 0 for s in samples)
+    grows = [h["batch"] for h in res.report.history if h["event"] == "grow"]
+    assert grows and all(b - a >= 4 for a, b in zip([0, *grows], grows))  # window + patience after each growth
+    from pystage.bench.repro.sine import final_samples
+
+    mean, std, n = final_samples(res.report.history, n=4)
+    last = [s["train_loss"] for s in samples[-4:]]
+    assert n == 4 and mean == pytest.approx(sum(last) / 4)
+    assert std == pytest.approx(torch.tensor(last).std(unbiased=False).item(), rel=1e-5)
 
 
 def test_fit_capacity_classifier_on_a_zoo_body(tmp_path):

@@ -159,3 +159,29 @@ def test_a_rank_killed_mid_build_leaves_no_visible_shard(tmp_path):
     entry = store.build(key, _Stall(flag), _indexed(400, 8), batch_size=400, progress=False)  # one call: no stall
     assert entry.num_rows == 200 and entry.meta["shard"] == [1, 2]
     assert not glob.glob(store.path(key) + ".partial-*")
+
+
+def test_each_torchrun_restart_joins_under_its_own_store_prefix(monkeypatch):
+    """torchrun keeps one agent store across restarts; the killed group's keys (rank addresses) stay in it.
+    ``init`` puts each restart's keys under their own prefix on one node, and leaves other setups to torch."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pystage import distributed
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        distributed._restart_store(2).set("rank_0", f"address of attempt {attempt}")
+    assert server.get("pystage/restart-0/rank_0") == b"address of attempt 0"
+    assert server.get("pystage/restart-1/rank_0") == b"address of attempt 1"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # 2 nodes: restart counts may differ between them
+    assert distributed._restart_store(2) is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed._restart_store(2) is None

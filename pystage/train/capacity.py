@@ -3,9 +3,12 @@
 Every ``nn.Linear``/``nn.Conv2d`` of the model but the output layer becomes a masked layer
 (``pystage.layers``) that starts with the first fraction of its units. The moving average of the
 per-batch training loss is watched; when it has not improved by ``tolerance`` (relative) for
-``patience`` batches, the next fraction is activated in every layer at once (``grow_chain``): the units
-trained so far are frozen (the compiled masked backward does no work for them) and the new units learn
-what the old ones get wrong. The output layer stays dense and trainable: it reads every unit.
+``patience`` batches (``rule="best"``; ``rule="thesis"``: when it is not below its value ``patience``
+batches earlier; ``rule="every"``: a fixed schedule, every ``min_batches`` batches), the next fraction
+is activated in every layer at once (``grow_chain``): the units trained so far are frozen (the compiled
+masked backward does no work for them) and the new units learn what the old ones get wrong. The output
+layer stays dense and trainable: it reads every unit.
+Every ``sample_every``-th batch's training loss is kept in the report's history (the thesis's "samples").
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from pystage.train.sources import DatasetSource
 
 log = logging.getLogger(__name__)
 LOSSES = ("auto", "ce", "mse")
+RULES = ("best", "thesis", "every")
 _Masked = (MaskedLinear, MaskedConv2d)
 
 
@@ -46,6 +50,12 @@ class CapacityConfig:
     tolerance: relative improvement of the average below which it counts as flat.
     min_batches: batches at least between two growths (and before the first).
     loss: "ce" (classes), "mse" (regression) or "auto" (mse for float targets).
+    rule: "best": a plateau is ``patience`` batches without a new best average; "thesis": the average is
+        not below its own value ``patience`` batches earlier (the thesis's "fails to improve within the
+        last 10 batches", read literally); "every": no plateau watch, grow every ``min_batches`` batches
+        (the schedule of the thesis's CIFAR-100 run). See ``PlateauDetector``.
+    sample_every: keep every n-th batch's training loss in the report's history as a "sample" event
+        (the thesis samples every 100 steps); 0: none.
     """
 
     fractions: Union[int, tuple[float, ...]] = 5
@@ -54,18 +64,27 @@ class CapacityConfig:
     tolerance: float = 0.01
     min_batches: int = 0
     loss: str = "auto"
+    rule: str = "best"
+    sample_every: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("window", "patience", "min_batches"):
+        for name in ("window", "patience", "min_batches", "sample_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise GrowthConfigError(f"{name} must be an int, got {v!r}", name, v)
-        if self.window < 1 or self.patience < 1 or self.min_batches < 0 or not 0.0 <= self.tolerance < 1.0:
-            raise GrowthConfigError(f"need window >= 1, patience >= 1, min_batches >= 0, tolerance in [0, 1); got "
-                                    f"window={self.window}, patience={self.patience}, "
-                                    f"min_batches={self.min_batches}, tolerance={self.tolerance}")
+        if self.window < 1 or self.patience < 1 or self.min_batches < 0 or not 0.0 <= self.tolerance < 1.0 \
+                or self.sample_every < 0:
+            raise GrowthConfigError(f"need window >= 1, patience >= 1, min_batches >= 0, tolerance in [0, 1), "
+                                    f"sample_every >= 0; got window={self.window}, patience={self.patience}, "
+                                    f"min_batches={self.min_batches}, tolerance={self.tolerance}, "
+                                    f"sample_every={self.sample_every}")
         if self.loss not in LOSSES:
-            raise GrowthConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise GrowthConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}", "loss", self.loss)
+        if self.rule not in RULES:
+            raise GrowthConfigError(f"rule must be one of {RULES}, got {self.rule!r}", "rule", self.rule)
+        if self.rule == "every" and self.min_batches < 1:
+            raise GrowthConfigError(f"rule='every' grows every min_batches batches: min_batches must be >= 1, got "
+                                    f"{self.min_batches}", "min_batches", self.min_batches)
         schedule(self.fractions)
 
 
@@ -92,14 +111,23 @@ def units_per_step(width: int, fractions: Sequence[float]) -> list[int]:
 
 
 class PlateauDetector:
-    """Moving average of the last ``window`` losses; plateau: ``patience`` updates without a new best."""
+    """Moving average of the last ``window`` losses, updated once per loss once ``window`` are in.
 
-    def __init__(self, window: int, patience: int, tolerance: float) -> None:
-        self.window, self.patience, self.tolerance = window, patience, tolerance
+    ``rule="best"``: a plateau is ``patience`` updates in a row without a new best (below the best so far
+    by ``tolerance``, relative). ``rule="thesis"``: a plateau is an average not below ``1 - tolerance``
+    times the average ``patience`` updates earlier (so the earliest is after ``window + patience`` losses).
+    ``rule="every"``: every update is a plateau (the caller's ``min_batches`` alone spaces the growths).
+    """
+
+    def __init__(self, window: int, patience: int, tolerance: float, rule: str = "best") -> None:
+        if rule not in RULES:
+            raise GrowthConfigError(f"rule must be one of {RULES}, got {rule!r}", "rule", rule)
+        self.window, self.patience, self.tolerance, self.rule = window, patience, tolerance, rule
         self.reset()
 
     def reset(self) -> None:
         self.losses: deque[float] = deque(maxlen=self.window)
+        self.averages: deque[float] = deque(maxlen=self.patience + 1)  # the last patience + 1 averages
         self.best, self.since = float("inf"), 0
 
     @property
@@ -108,10 +136,16 @@ class PlateauDetector:
 
     def update(self, loss: float) -> bool:
         self.losses.append(loss)
+        if self.rule == "every":
+            return True
         if len(self.losses) < self.window:
             return False
-        if self.average < self.best * (1.0 - self.tolerance):
-            self.best, self.since = self.average, 0
+        avg = self.average
+        if self.rule == "thesis":
+            self.averages.append(avg)
+            return len(self.averages) > self.patience and avg >= self.averages[0] * (1.0 - self.tolerance)
+        if avg < self.best * (1.0 - self.tolerance):
+            self.best, self.since = avg, 0
         else:
             self.since += 1
         return self.since >= self.patience
@@ -211,12 +245,16 @@ def _train(engine: Engine, chain: list[nn.Module], steps: list[list[int]], cfg: 
            src: DatasetSource, epochs: int, history: list[dict], measure: bool) -> tuple[StepStats, int]:
     """Every epoch through the engine; after each step the plateau watch may grow the chain (a new optimizer)."""
     fractions = schedule(cfg.fractions)
-    detector = PlateauDetector(cfg.window, cfg.patience, cfg.tolerance)
+    detector = PlateauDetector(cfg.window, cfg.patience, cfg.tolerance, cfg.rule)
     state = {"step": 0, "since": 0}
 
     def watch(loss: Tensor, cursor: Cursor) -> None:  # the method's criterion reads each batch's loss on the host
         state["since"] += 1
-        plateau = detector.update(float(loss))
+        value = float(loss)  # the one host read per step; the samples reuse it
+        if cfg.sample_every and cursor.steps % cfg.sample_every == 0:
+            history.append({"event": "sample", "epoch": cursor.epoch, "batch": cursor.steps,
+                            "fraction": fractions[state["step"]], "train_loss": value})
+        plateau = detector.update(value)
         if plateau and state["since"] >= cfg.min_batches and state["step"] + 1 < len(fractions):
             state["step"] += 1
             grow_chain(chain, [s[state["step"]] for s in steps])  # old units frozen: buffers, no gradient work

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write rows and environment as JSON to this path")
     parser.add_argument("--threads", type=int, default=1, 
                         help="torch intra-op threads (1: tiny ops on a shared machine)")
+    for name in NAMES:  # each reproduction's own options (named after it in their help)
+        importlib.import_module(f"pystage.bench.repro.{name}").add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
