@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -27,13 +28,18 @@ def acquire_key_lock(directory: str, key: str, timeout: float = -1) -> filelock.
     lock = filelock.FileLock(path, thread_local=False)
     try:
         lock.acquire(timeout=0)
+        return lock
     except filelock.Timeout:
         log.info("waiting for %s: another process (or thread) is building or removing key %s", path, key)
+    deadline = None if timeout < 0 else time.monotonic() + timeout
+    while True:  # finite waits: filelock refuses an endless one on a lock another thread of ours holds
+        wait = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            lock.acquire(timeout=timeout)
+            lock.acquire(timeout=wait)
+            return lock
         except filelock.Timeout:
-            raise StoreLockTimeout(path, timeout) from None
-    return lock
+            if deadline is not None:
+                raise StoreLockTimeout(path, timeout) from None
 
 
 @contextmanager

@@ -40,6 +40,7 @@ def check_budget(budget: DeviceBudget) -> DeviceBudget:
 
 def budget_bytes(budget: DeviceBudget, device: Union[str, torch.device], ram_budget: int) -> int:
     """Bytes of features that may be kept in memory on ``device`` now."""
+    budget = check_budget(budget)
     if not budget:
         return 0
     dev = torch.device(device)
