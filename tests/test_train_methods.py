@@ -354,3 +354,30 @@ def test_sgd_config_is_used(tmp_path):
     assert [(s.lr, s.weight_decay) for s in rep.stages] == [(0.05, 0.0)] * 2
     other = fit(model(), train, val, tmp_path, method="partial").report
     assert other.stages[0].stage_key != rep.stages[0].stage_key  # the configuration is part of the key
+
+
+# -- stored features in memory --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("copy", ["auto", "never"])
+def test_partial_on_features_in_memory_equals_partial_on_features_read_from_disk(tmp_path, copy, monkeypatch):
+    """The entries built in memory (the device budget's default on the CPU holds them) train exactly as the same
+    entries read from their files; fit returns once every background disk copy is published."""
+    from pystage.store.entry import StoreEntry
+
+    train, val = task()
+    runs, loads, real = {}, [], StoreEntry._load
+    monkeypatch.setattr(StoreEntry, "_load", lambda self, *a: loads.append(self.key) or real(self, *a))
+    for name, kw in (("disk", dict(device_budget=0)), ("memory", dict(disk_copy=copy))):
+        loads.clear()
+        store = FeatureStore(tmp_path / name / "store", **kw)
+        runs[name] = pystage.fit(model("cnn8"), train, val, method="partial", store=store, config=CFG,
+                                 checkpoint_dir=tmp_path / name / "stages", progress=False)
+        keys = [s.store_key for s in runs[name].report.stages[:-1]]
+        assert all(store.has(k) for k in keys) == (copy != "never" or name == "disk")
+        assert (store.verify() == []) if store.ls() else copy == "never"
+        assert bool(loads) == (name == "disk")  # from the files, or never read from a file
+    a, b = runs["disk"], runs["memory"]
+    assert [s.stage_key for s in a.report.stages] == [s.stage_key for s in b.report.stages]
+    assert [s.val_acc for s in a.report.stages] == [s.val_acc for s in b.report.stages]
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
