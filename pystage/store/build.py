@@ -161,6 +161,8 @@ def _forward(module: nn.Module, item: Any, i: int, device: torch.device) -> tupl
     in_dtype = _input_dtype(module)
     if in_dtype is not None and x.is_floating_point():
         x = x.to(in_dtype)
+    if device.type == "cpu" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's convolutions run ~2x faster on NHWC here
     out = module(x)  # (B, *feature_shape)
     y = torch.as_tensor(y)
     if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0] or len(y) != len(out):
