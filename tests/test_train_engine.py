@@ -203,3 +203,24 @@ def test_an_epoch_on_cuda_never_waits_for_the_device(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert stats.seen == 200
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_feed_to_cuda_copies_each_batch_before_its_source_buffer_is_reused():
+    dev = torch.device("cuda")
+    want = [torch.full((4, 3), float(i)) for i in range(7)]
+
+    def reused():  # one host buffer, overwritten for every batch (as a loader's ring of buffers is)
+        buf = torch.empty(4, 3)
+        for w in want:
+            buf.copy_(w)
+            yield buf, torch.zeros(4, dtype=torch.long)
+
+    got = [x.cpu() for x, _ in Feed(dev, torch.float64, slots=2).batches(reused())]
+    assert [g.dtype for g in got] == [torch.float64] * 7
+    assert all(torch.equal(g, w.double()) for g, w in zip(got, want))
+    data = synthetic(n=33, num_classes=3, shape=(3, 2, 2))
+    for (a, ya), (b, yb) in zip(DatasetSource(data, 8, seed=5, device=dev).batches(1),
+                                DatasetSource(data, 8, seed=5).batches(1)):
+        assert a.device.type == "cuda" and torch.equal(a.cpu(), b) and torch.equal(ya.cpu(), yb)
