@@ -59,11 +59,7 @@ class Feed:
         self._next = 0
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        if x.device != self.device or y.device != self.device:
-            x, y = self._move(x, y)
-        if x.is_floating_point() and x.dtype != self.dtype:
-            x = x.to(self.dtype)  # on the device
-        return x, y
+        return self._ready(*self._issue(x, y))
 
     def batches(self, items: Iterable[tuple[Tensor, Tensor]], threaded: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """Every batch of ``items`` fed, one ahead (its copy in flight while the caller runs a step on the one
@@ -71,24 +67,26 @@ class Feed:
         source = _threaded(iter(items), self.depth) if threaded else iter(items)
         try:
             ahead = next(source, None)
-            fed = None if ahead is None else self(*ahead)
-            while fed is not None:
+            issued = None if ahead is None else self._issue(*ahead)
+            while issued is not None:
                 ahead = next(source, None)
-                current, fed = fed, (None if ahead is None else self(*ahead))
-                yield current
+                current, issued = issued, (None if ahead is None else self._issue(*ahead))
+                yield self._ready(*current)
         finally:
             close = getattr(source, "close", None)
             if close is not None:
                 close()
 
-    def _move(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _issue(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Optional[torch.cuda.Event]]:
+        """Start moving the batch: (x, y on the device, the event after their copy; None: nothing to wait for)."""
+        if x.device == self.device and y.device == self.device:
+            return x, y, None
         if not self._slots:
-            return x.to(self.device), y.to(self.device)
+            return x.to(self.device), y.to(self.device), None
         slot = self._slots[self._next]
         self._next = (self._next + 1) % len(self._slots)
         if slot.event is not None:
             slot.event.synchronize()  # the copy out of this buffer (``slots`` batches ago) is done
-        compute = torch.cuda.current_stream(self.device)
         out = []
         with torch.cuda.stream(self._stream):  # type: ignore[arg-type]
             for i, t in enumerate((x, y)):
@@ -97,10 +95,18 @@ class Feed:
                 out.append(t.to(self.device, non_blocking=True))
             slot.event = torch.cuda.Event()
             slot.event.record()
-        compute.wait_stream(self._stream)  # type: ignore[arg-type]  # ordered on the device: no host wait
-        for t in out:
-            t.record_stream(compute)  # its memory is not reused before the step that reads it has run
-        return out[0], out[1]
+        return out[0], out[1], slot.event
+
+    def _ready(self, x: Tensor, y: Tensor, copied: Optional[torch.cuda.Event]) -> tuple[Tensor, Tensor]:
+        """The batch as the step uses it: the compute stream waits for its copy (on the device, not the host)."""
+        if copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            for t in (x, y):
+                t.record_stream(compute)  # its memory is not reused before the step that reads it has run
+        if x.is_floating_point() and x.dtype != self.dtype:
+            x = x.to(self.dtype)  # on the device
+        return x, y
 
 
 def _threaded(items: Iterator[tuple[Tensor, Tensor]], depth: int) -> Iterator[tuple[Tensor, Tensor]]:
