@@ -51,7 +51,8 @@ def train_plain(model: nn.Sequential, head: nn.Module, x: torch.Tensor, y: torch
         train_loss, train_acc = loss_sum.item() / n, correct.item() / n  # once per epoch
     net.eval()
     with torch.no_grad():
-        hits = sum((net(x_val[i:i + 1000]).argmax(1) == y_val[i:i + 1000]).sum() for i in range(0, len(x_val), 1000))
+        hits = sum((net(x_val[i:i + batch_size]).argmax(1) == y_val[i:i + batch_size]).sum()
+                   for i in range(0, len(x_val), batch_size))
     return {"train_loss": train_loss, "train_acc": train_acc, "val_acc": float(hits) / max(len(x_val), 1)}
 
 
