@@ -31,3 +31,16 @@ def test_targets_are_throughput_and_wall_time_ratios():
     assert got["total_vs_plain_throughput"] == pytest.approx(0.8)
     assert got["partial_vs_total_wall"] == pytest.approx(1.2)
     assert targets(runs[:1], rows=1000) == {"total_vs_plain_throughput": None, "partial_vs_total_wall": None}
+
+
+def test_bench_train_runs_plain_beside_the_methods_and_reports_the_ratios(tmp_path):
+    from pystage.bench.cli import main
+
+    out = tmp_path / "train.json"
+    assert main(["train", "--model", "cnn2", "--n", "120", "--val-n", "40", "--epochs", "1", "--threads", "1",
+                 "--methods", "plain,total,partial", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["runs"]] == ["plain", "total", "partial"]
+    plain = data["runs"][0]
+    assert plain["wall_s"] > 0 and 0.0 <= plain["val_acc"] <= 1.0 and plain["store_bytes"] == 0
+    assert data["total_vs_plain_throughput"] > 0 and data["partial_vs_total_wall"] > 0

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from pystage.bench.report import environment, format_table, print_environment, write_json
 
-METHODS = ("total", "partial", "partial-recompute", "checkpoint")
+METHODS = ("total", "partial", "partial-recompute", "checkpoint", "plain")  # plain: pystage/bench/plain.py
 COLUMNS = ["method", "model", "epochs", "wall_s", "vs_total", "peak_mem_mib", "train_acc", "val_acc", "store_s"]
 BUDGET_COLUMNS = ["method", "fits", "predicted_peak_mib", "measured_peak_mib", "budget_mib", "wall_s", "epoch_s",
                   "val_acc"]
@@ -151,10 +151,10 @@ def run(args: argparse.Namespace) -> int:
     base = {"model": args.model, "data": args.data, "path": args.path, "n": args.n, "val_n": args.val_n,
             "epochs": args.epochs, "batch_size": args.batch_size, "device": args.device, "seed": args.seed,
             "threads": args.threads}
-    if args.nproc > 1:  # each method on 1 and on N processes (pystage/bench/train_dist.py)
+    if args.nproc > 1:  # each method on 1 and on N processes (pystage/bench/train_dist.py); plain is one process
         from pystage.bench.train_dist import run_distributed
 
-        return run_distributed(args, methods, base, env)
+        return run_distributed(args, [m for m in methods if m != "plain"], base, env)
     budget = _budget_plan(args) if args.budget else None
     runs = []
     for method in methods:
@@ -172,8 +172,14 @@ def run(args: argparse.Namespace) -> int:
             _annotate(runs[-1], budget)
     done = [r for r in runs if r.get("wall_s")]
     print(format_table(_rows(runs), COLUMNS))
+    from pystage.bench.plain import targets
+
+    ratios = targets(runs, args.n)
+    for name, value in ratios.items():
+        if value is not None:
+            print(f"{name}: {value:.3f}")
     print(f"peak memory: {done[0]['peak_mem_source'] if done else '-'}")
-    payload: dict[str, Any] = {"benchmark": "train", "environment": env, "runs": runs}
+    payload: dict[str, Any] = {"benchmark": "train", "environment": env, "runs": runs, **ratios}
     if budget is not None:
         print(budget["text"])
         print(format_table(runs, BUDGET_COLUMNS))
