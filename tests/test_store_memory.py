@@ -186,29 +186,36 @@ def test_an_entry_built_from_an_entry_in_memory_reads_it_from_memory(tmp_path, m
 
 
 @pytest.mark.parametrize("copy", ["background", "wait"])
-def test_disk_full_in_the_writer_is_raised_and_leaves_nothing(tmp_path, monkeypatch, copy):
-    """In the background the disk fills up after the rows are computed (at the metadata); waiting, mid-write."""
-    real, calls = (ChunkFile.finish, []) if copy == "background" else (h5py.Dataset.write_direct, [])
+def test_disk_full_in_the_writer_leaves_nothing_on_disk(tmp_path, monkeypatch, copy):
+    """Waiting, the build raises. In the background the entry in memory stays whole (its CRC table too: the content
+    digest is the one a clean build gives) and ``wait()`` raises."""
+    real, calls = h5py.Dataset.write_direct, []
 
     def full(self, *a, **kw):
         calls.append(1)
-        if len(calls) == (1 if copy == "background" else 3):
+        if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(*((ChunkFile, "finish") if copy == "background" else (h5py.Dataset, "write_direct")), full)
+    _, clean = _build(tmp_path / "clean", width=64, ram_budget="64MiB")
+    monkeypatch.setattr(h5py.Dataset, "write_direct", full)
     monkeypatch.setattr("pystage.store.build.STAGING_BYTES", 16 << 10)  # a write per 1 MiB chunk: 6 chunks
-    store, m = FeatureStore(tmp_path, ram_budget="64MiB", disk_copy=copy), _stage(64)
+    store, m = FeatureStore(tmp_path / "full", ram_budget="64MiB", disk_copy=copy), _stage(64)
     key = store.key("fp", m, torch.float16)
     if copy == "wait":
         with pytest.raises(StoreDiskFullError):
             store.build(key, m, _data(), batch_size=64, progress=False)
     else:
         entry = store.build(key, m, _data(), batch_size=64, progress=False)
-        assert len(list(entry.stream())) == -(-N // 50)  # the rows in memory are fine
+        assert entry.content_digest == clean.content_digest
+        for (a, _), (b, _) in zip(entry.stream(batch_size=50), clean.stream(batch_size=50)):
+            assert torch.equal(a, b)
         with pytest.raises(StoreDiskFullError):
             entry.wait()
-    assert [n for n in os.listdir(store.directory) if not n.startswith(".")] == []
+        assert not entry.on_disk
+        with pytest.raises(StoreDiskFullError):
+            entry.verify()
+    assert len(calls) >= 3 and [n for n in os.listdir(store.directory) if not n.startswith(".")] == []
     monkeypatch.undo()
     assert store.build(key, m, _data(), batch_size=64, progress=False).wait().on_disk  # the lock was released
 

@@ -381,3 +381,26 @@ def test_partial_on_features_in_memory_equals_partial_on_features_read_from_disk
     assert [s.val_acc for s in a.report.stages] == [s.val_acc for s in b.report.stages]
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_full_disk_under_a_background_copy_does_not_stop_training(tmp_path, monkeypatch, caplog):
+    """The features train the next stage from memory; the failed disk copy is logged, and nothing is left on disk."""
+    import errno
+    import logging
+
+    import h5py
+
+    train, val = task()
+    clean = fit(model(), train, val, tmp_path / "clean", method="partial")
+
+    def full(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "write_direct", full)
+    with caplog.at_level(logging.WARNING):
+        got = fit(model(), train, val, tmp_path / "full", method="partial")
+    assert "was not written" in caplog.text and "No space left" in caplog.text
+    assert FeatureStore(tmp_path / "full" / "store").ls() == []
+    assert [s.stage_key for s in got.report.stages] == [s.stage_key for s in clean.report.stages]
+    for p, q in zip(got.model.parameters(), clean.model.parameters()):
+        assert torch.equal(p, q)

@@ -69,7 +69,7 @@ class StoreEntry:
     @property
     def on_disk(self) -> bool:
         """True once the entry's file is complete and in place (False while it is written, or with no disk copy)."""
-        return self._file and (self._writer is None or self._writer.done)
+        return self._file and (self._writer is None or self._writer.published)
 
     @property
     def memory_device(self) -> Optional[torch.device]:
@@ -82,7 +82,7 @@ class StoreEntry:
         writer = self._writer
         if writer is not None:
             writer.wait()
-            if writer.tmp is not None:
+            if writer.published:
                 self._writer = None
         return self
 

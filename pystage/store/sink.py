@@ -76,7 +76,8 @@ class Sink:
         if to_disk:
             check_space(directory, tmp, rows, out, y)
         writer = EntryWriter(tmp if to_disk else None, final, fshape, fdtype, lshape, ldtype, to_numpy, lock=lock,
-                             on_publish=on_publish, staging_bytes=staging_bytes)
+                             on_publish=on_publish, staging_bytes=staging_bytes,
+                             soft=in_memory and spec.disk_copy == "background")
         return cls(stored, fshape, lshape, y.dtype, rows, device, writer, in_memory)
 
     def add(self, i: int, cast: torch.Tensor, y: torch.Tensor, to_numpy: Callable) -> None:

@@ -46,8 +46,10 @@ class ChunkFile:
     (``path=None``: no file, the CRCs only: an entry kept in memory without a disk copy)."""
 
     def __init__(self, path: Optional[str], feature_shape: tuple[int, ...], fdtype: np.dtype, label_shape: tuple[int, ...],
-                 ldtype: np.dtype, staging_bytes: int = STAGING_BYTES, pool: Optional[ThreadPoolExecutor] = None) -> None:
+                 ldtype: np.dtype, staging_bytes: int = STAGING_BYTES, pool: Optional[ThreadPoolExecutor] = None,
+                 soft: bool = False) -> None:
         self.path, self.rows, self.crcs, self.pool = path, 0, [], pool  # type: ignore[var-annotated]
+        self.soft, self.failed = soft, None  # soft: an I/O error drops the file, the CRCs go on (``failed``)
         row_bytes = int(np.prod(feature_shape, dtype=np.int64)) * fdtype.itemsize
         self.chunk_rows = chunk_rows_for(row_bytes)
         self.stage_rows = self.chunk_rows * max(1, staging_bytes // (self.chunk_rows * max(row_bytes, 1)))
@@ -79,10 +81,13 @@ class ChunkFile:
         if n == 0:
             return
         if self.f is not None:
-            self.x.resize(a + n, axis=0)
-            self.y.resize(a + n, axis=0)
-            self.x.write_direct(self.xs, np.s_[0:n], np.s_[a:a + n])
-            self.y.write_direct(self.ys, np.s_[0:n], np.s_[a:a + n])
+            try:
+                self.x.resize(a + n, axis=0)
+                self.y.resize(a + n, axis=0)
+                self.x.write_direct(self.xs, np.s_[0:n], np.s_[a:a + n])
+                self.y.write_direct(self.ys, np.s_[0:n], np.s_[a:a + n])
+            except OSError as e:
+                self.fail(e)
         parts = [p for s in range(0, n, self.chunk_rows)
                  for p in (self.xs[s:min(s + self.chunk_rows, n)], self.ys[s:min(s + self.chunk_rows, n)])]
         sums = list(self.pool.map(_crc, parts)) if self.pool is not None and len(parts) > 2 else [_crc(p) for p in parts]
@@ -96,24 +101,40 @@ class ChunkFile:
         on_checksums(table)
         if self.f is None:
             return
-        attrs["row_range"] = np.asarray([row_start, row_start + self.rows], dtype=np.int64)
-        self.f.create_dataset(CHECKSUMS, data=table)
-        for k, v in attrs.items():
-            self.f.attrs[k] = v
-        self.f.attrs["chunk_rows"] = self.chunk_rows
-        self.f.attrs["num_rows"] = self.rows
-        self.f.attrs["complete"] = True  # last attribute written
-        self.f.flush()
-        self.f.close()
-        fd = os.open(self.path, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            attrs["row_range"] = np.asarray([row_start, row_start + self.rows], dtype=np.int64)
+            self.f.create_dataset(CHECKSUMS, data=table)
+            for k, v in attrs.items():
+                self.f.attrs[k] = v
+            self.f.attrs["chunk_rows"] = self.chunk_rows
+            self.f.attrs["num_rows"] = self.rows
+            self.f.attrs["complete"] = True  # last attribute written
+            self.f.flush()
+            self.f.close()
+            fd = os.open(self.path, os.O_RDONLY)  # type: ignore[arg-type]
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.fail(e)
+
+    def fail(self, e: OSError) -> None:
+        """An I/O error: raised, or (``soft``) the file is removed and only the CRCs go on."""
+        if not self.soft:
+            raise e
+        self.failed = e
+        self.close()
+        if self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
+        self.f = None
 
     def close(self) -> None:
         if self.f is not None and self.f.id.valid:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:
+                pass
 
 
 def is_enospc(e: BaseException) -> bool:
@@ -158,7 +179,9 @@ class _DeviceCopier:
 class EntryWriter:
     """A thread that writes one entry file: ``put`` rows, ``close`` with the metadata, then it publishes.
 
-    ``tmp=None``: no file, only the CRC table (an entry kept in memory without a disk copy).
+    ``tmp=None``: no file, only the CRC table (an entry kept in memory without a disk copy). ``soft``: an I/O error
+    (a full disk) drops the file but not the CRC table, and only ``wait`` raises it (the entry is in memory: the
+    build and what reads the entry go on).
     ``lock``: the key's file lock, released by the thread once the entry is published (or the build failed).
     ``on_publish``: called in the thread after the rename (the store prunes to its disk budget there).
     ``to_numpy(tensor, np_dtype)``: how a tensor block becomes the stored bytes.
@@ -167,10 +190,10 @@ class EntryWriter:
     def __init__(self, tmp: Optional[str], final: str, feature_shape: tuple[int, ...], fdtype: np.dtype,
                  label_shape: tuple[int, ...], ldtype: np.dtype, to_numpy: Callable[[torch.Tensor, np.dtype], np.ndarray],
                  depth: int = 4, lock: Any = None, on_publish: Optional[Callable[[], None]] = None,
-                 staging_bytes: int = STAGING_BYTES) -> None:
+                 staging_bytes: int = STAGING_BYTES, soft: bool = False) -> None:
         self.tmp, self.final, self.lock, self.on_publish, self.to_numpy = tmp, final, lock, on_publish, to_numpy
         self.pool = ThreadPoolExecutor(CRC_THREADS, thread_name_prefix=THREAD_NAME + "-crc") if CRC_THREADS > 1 else None
-        self.file = ChunkFile(tmp, feature_shape, fdtype, label_shape, ldtype, staging_bytes, self.pool)
+        self.file = ChunkFile(tmp, feature_shape, fdtype, label_shape, ldtype, staging_bytes, self.pool, soft)
         self.chunk_rows = self.file.chunk_rows
         self.error: Optional[BaseException] = None
         self.table: Optional[np.ndarray] = None  # (chunks, 2) CRCs, once every row is written
@@ -207,15 +230,22 @@ class EntryWriter:
         return self.table  # type: ignore[return-value]
 
     def wait(self) -> str:
-        """Block until the entry is published; returns its path. Raises the thread's error."""
+        """Block until the entry is published; returns its path. Raises the thread's error (a soft one too)."""
         self._done.wait()
         self._thread.join()
         self._raise()
+        if self.file.failed is not None:
+            raise _disk_error(self.file.failed, self.tmp or self.final)
         return self.final
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def published(self) -> bool:
+        """The file is in place."""
+        return self.done and self.error is None and self.file.failed is None and self.tmp is not None
 
     def _enqueue(self, item: tuple) -> None:
         while True:
@@ -247,8 +277,7 @@ class EntryWriter:
             if self.tmp is not None and os.path.exists(self.tmp):
                 os.remove(self.tmp)
             if not isinstance(e, _Aborted):
-                self.error = StoreDiskFullError(self.tmp or self.final, str(e)) \
-                    if is_enospc(e) and not isinstance(e, StoreDiskFullError) else e
+                self.error = _disk_error(e, self.tmp or self.final)
                 self._drain()
         finally:
             if self.pool is not None:
@@ -270,10 +299,14 @@ class EntryWriter:
             self._checksummed.set()
 
         self.file.finish(attrs, row_start, checksummed)
-        if self.tmp is None:
+        if self.tmp is None or self.file.failed is not None:
             return
-        os.replace(self.tmp, self.final)
-        fsync_dir(os.path.dirname(self.final))
+        try:
+            os.replace(self.tmp, self.final)
+            fsync_dir(os.path.dirname(self.final))
+        except OSError as e:
+            self.file.fail(e)
+            return
         log.info("published %s (%d rows)", self.final, self.file.rows)
         if self.on_publish is not None:
             try:
@@ -294,3 +327,7 @@ class EntryWriter:
 
 class _Aborted(Exception):
     pass
+
+
+def _disk_error(e: BaseException, path: str) -> BaseException:
+    return StoreDiskFullError(path, str(e)) if is_enospc(e) and not isinstance(e, StoreDiskFullError) else e

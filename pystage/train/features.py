@@ -83,11 +83,15 @@ class FeatureChain:
         return tuple(out), time.perf_counter() - t
 
     def wait(self) -> None:
-        """Block until every entry this chain built is on disk (unless built with ``disk_copy="never"``); raises a
-        writer's error (``StoreDiskFullError``...)."""
+        """Block until every entry this chain built is on disk (unless built with ``disk_copy="never"``); a disk copy
+        that failed (a full disk) is logged: the run used the rows in memory."""
         for entry in self._latest.values():
             if isinstance(entry, StoreEntry):
-                entry.wait()
+                try:
+                    entry.wait()
+                except OSError as e:  # a full disk: training read the rows from memory; a later run builds again
+                    log.warning("the disk copy of %s was not written: %s; the features were used from memory and "
+                                "are not stored for another run", entry.path, e)
 
     def _build(self, recipe: _Recipe) -> Any:
         for attempt in range(MAX_REPAIRS + 1):
