@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from pystage.store import FeatureStore, StoreArgumentError, StoreDiskFullError, StoreNotFoundError
 from pystage.store.memory import budget_bytes
 from pystage.store.stream import StreamOptions, iter_stream, plan_stream
-from pystage.store.writer import ChunkFile
+from pystage.store.chunkfile import ChunkFile
 
 N = 700
 
@@ -225,13 +225,12 @@ CHILD = textwrap.dedent("""
     from torch import nn
     from torch.utils.data import TensorDataset
     from pystage.store import FeatureStore
-    from pystage.store import writer
+    from pystage.store import chunkfile
     root, out = sys.argv[1], sys.argv[2]
-    real = writer.ChunkFile.finish
     def hang(self, *a, **kw):  # rows written, nothing published yet
         open(out + ".ready", "w").close()
         time.sleep(600)
-    writer.ChunkFile.finish = hang
+    chunkfile.ChunkFile.finish = hang
     torch.manual_seed(0)
     m = nn.Conv2d(3, 4, 3, padding=1)
     ds = TensorDataset(torch.randn(300, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(300))

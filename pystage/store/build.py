@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
+from pystage.store.chunkfile import STAGING_BYTES  # passed on when a build starts (tests shrink it)
 from pystage.store.errors import StoreArgumentError
 from pystage.store.format import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, entry_path
 from pystage.store.keys import dtype_name
@@ -27,7 +28,6 @@ from pystage.store.sink import Built, Sink
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial-"  # temporary files: <key>.h5.partial-<pid>-<random>
-STAGING_BYTES = 8 << 20  # rows gathered before each write: whole chunks
 
 
 @dataclass
