@@ -14,7 +14,7 @@ from pystage import FeatureStore
 from pystage.data import synthetic
 from pystage.train.engine import Cursor, Engine
 from pystage.train.feed import Feed
-from pystage.train.sources import DatasetSource, StoreSource, global_rows, steps_per_epoch
+from pystage.train.sources import DatasetSource, StoreSource, data_device, global_rows, steps_per_epoch
 
 TRAIN = pathlib.Path(pystage.train.__file__).parent
 PACKAGE = TRAIN.parent
@@ -150,6 +150,7 @@ def test_row_by_row_sources_are_prefetched_and_train_the_same():
 
 def test_a_dataset_source_on_a_device_gives_the_same_batches():
     data = synthetic(n=33, num_classes=3, shape=(3, 2, 2))
+    assert data_device(torch.device("cpu"), None, data) is None  # on the CPU the data is where it is
     on = DatasetSource(data, 8, seed=5, device=torch.device("cpu"))  # the CPU standing in for the device
     for (a, ya), (b, yb) in zip(on.batches(1), DatasetSource(data, 8, seed=5).batches(1)):
         assert torch.equal(a, b) and torch.equal(ya, yb)
@@ -221,6 +222,9 @@ def test_feed_to_cuda_copies_each_batch_before_its_source_buffer_is_reused():
     assert [g.dtype for g in got] == [torch.float64] * 7
     assert all(torch.equal(g, w.double()) for g, w in zip(got, want))
     data = synthetic(n=33, num_classes=3, shape=(3, 2, 2))
+    assert data_device(dev, FeatureStore(device_budget="1GiB"), data, data) == dev
+    assert data_device(dev, FeatureStore(device_budget="1KiB"), data) is None  # 33 rows of 12 floats: 1.8 KiB
+    assert data_device(dev, None, _Rows(data)) is None
     for (a, ya), (b, yb) in zip(DatasetSource(data, 8, seed=5, device=dev).batches(1),
                                 DatasetSource(data, 8, seed=5).batches(1)):
         assert a.device.type == "cuda" and torch.equal(a.cpu(), b) and torch.equal(ya.cpu(), yb)

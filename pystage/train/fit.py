@@ -165,7 +165,7 @@ class _Run:
         report = FitReport(self.method.name, self.epochs, self.batch_size, str(self.device),
                            PeakMeter(self.device).source, plan=self.plan)
         units = [[i] for i in range(len(net))] if self.method.per_stage else [list(range(len(net)))]
-        part, on = (self.world.rank, self.world.size), self._data_device(train, val)
+        part, on = (self.world.rank, self.world.size), data_device(self.device, self.store, train, val)
         src: BatchSource = DatasetSource(train, self.batch_size, self.seed, part=part, device=on)
         val_src = DatasetSource(val, self.batch_size, shuffle=False, part=part, device=on) if val is not None else None
         distributed.broadcast_(net)  # rank 0's initial weights on every rank (no-op in a world of one)
@@ -285,18 +285,6 @@ class _Run:
                             "progress")
         trial.val_acc = engine.evaluate(val_src)
         return trial
-
-    def _data_device(self, train: Dataset, val: Optional[Dataset]) -> Optional[torch.device]:
-        """The device the training data is held on (a GPU, when its tensors fit the device budget); None: the host."""
-        if self.device.type == "cpu":
-            return None
-        from pystage.store.memory import budget_bytes
-
-        c = self.store.config if self.store is not None else None
-        budget = budget_bytes(c.device_budget if c else "auto", self.device, c.ram_budget if c else 0)
-        need = [d for d in (train, val) if d is not None]
-        fits = all(data_device(d, self.device, budget // len(need)) is not None for d in need)
-        return self.device if fits else None
 
     # -- what the next stage reads -----------------------------------------------------------------------
     def _next_sources(self, body: nn.Module, src: BatchSource, val_src: Optional[BatchSource], inputs: tuple,

@@ -57,12 +57,19 @@ def _seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
-def data_device(dataset: Dataset, device: torch.device, budget: int) -> Optional[torch.device]:
-    """``device`` when ``dataset`` is two tensors (``.tensors``) whose bytes fit ``budget`` on a non-CPU device."""
-    tensors = getattr(dataset, "tensors", None)
-    if torch.device(device).type == "cpu" or tensors is None or len(tensors) != 2:
+def data_device(device: torch.device, store: Any, *datasets: Optional[Dataset]) -> Optional[torch.device]:
+    """``device`` when it is a GPU and every dataset is two tensors (``.tensors``) that fit, together, the store's
+    device budget (half the free device memory without a store); None: the data stays on the host."""
+    from pystage.store.memory import budget_bytes
+
+    data = [d for d in datasets if d is not None]
+    tensors = [getattr(d, "tensors", None) for d in data]
+    if torch.device(device).type == "cpu" or not data or any(t is None or len(t) != 2 for t in tensors):
         return None
-    return device if sum(t.numel() * t.element_size() for t in tensors) <= budget else None
+    c = store.config if store is not None else None
+    budget = budget_bytes(c.device_budget if c else "auto", device, c.ram_budget if c else 0)
+    need = sum(x.numel() * x.element_size() for t in tensors for x in t)  # type: ignore[union-attr]
+    return device if need <= budget else None
 
 
 class DatasetSource:
