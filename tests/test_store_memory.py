@@ -102,7 +102,7 @@ class _Gate:
 
         def held(file, *a, **kw):
             self.calls.append(1)
-            assert self.event.wait(60), "the gate was never opened"
+            assert self.event.wait(300), "the gate was never opened"
             return real(file, *a, **kw)
 
         monkeypatch.setattr(ChunkFile, method, held)
@@ -124,12 +124,12 @@ def test_the_forward_pass_runs_ahead_of_the_writes(tmp_path, monkeypatch):
     t = threading.Thread(target=lambda: done.append(store.build(store.key("fp", m, torch.float32), m, _data(),
                                                                 batch_size=50, progress=False)))
     t.start()
-    deadline = time.time() + 60
+    deadline = time.time() + 300
     while len(calls) < 5 and time.time() < deadline:  # the writer holds its first block; the queue takes 4 more
         time.sleep(0.01)
     assert len(calls) >= 5 and len(gate.calls) == 1 and not done  # 5 batches computed, none written yet
     gate.open()
-    t.join(60)
+    t.join(300)
     assert done and done[0].on_disk and len(calls) == 14 and store.verify() == []
 
 

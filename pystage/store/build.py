@@ -185,8 +185,8 @@ def _attrs(spec: BuildSpec, module: nn.Module, sink: Sink, device: torch.device,
     import pystage
 
     info = dict(spec.info or {})
-    fshape = sink.memory.x.shape[1:] if sink.memory is not None else sink.writer.file.xs.shape[1:]
-    lshape = sink.memory.y.shape[1:] if sink.memory is not None else sink.writer.file.ys.shape[1:]
+    fshape = sink.memory.x.shape[1:] if sink.memory is not None else sink.writer.file.xs.shape[1:]  # type: ignore[union-attr]
+    lshape = sink.memory.y.shape[1:] if sink.memory is not None else sink.writer.file.ys.shape[1:]  # type: ignore[union-attr]
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "key": spec.key,
         "feature_shape": np.asarray(fshape, dtype=np.int64), "feature_dtype": dtype_name(sink.stored),

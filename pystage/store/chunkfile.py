@@ -24,26 +24,32 @@ def _crc(a: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
 
 
+def chunk_crcs(x: np.ndarray, y: np.ndarray, chunk_rows: int, pool: Optional[ThreadPoolExecutor] = None
+               ) -> list[tuple[int, int]]:
+    """``[(crc32(features), crc32(labels))]`` of each chunk of rows ``x``, ``y`` (chunk-aligned; the last may be short)."""
+    n = len(x)
+    parts = [p for s in range(0, n, chunk_rows) for p in (x[s:min(s + chunk_rows, n)], y[s:min(s + chunk_rows, n)])]
+    sums = list(pool.map(_crc, parts)) if pool is not None and len(parts) > 2 else [_crc(p) for p in parts]
+    return list(zip(sums[0::2], sums[1::2]))
+
+
 class ChunkFile:
     """Appends rows to '/features' and '/labels' of a new HDF5 file in whole chunks, with a CRC per chunk
-    (``path=None``: no file, the CRCs only: an entry kept in memory without a disk copy)."""
+    (``checksum=False``: the caller computes the CRC table and hands it to ``finish``)."""
 
-    def __init__(self, path: Optional[str], feature_shape: tuple[int, ...], fdtype: np.dtype, label_shape: tuple[int, ...],
+    def __init__(self, path: str, feature_shape: tuple[int, ...], fdtype: np.dtype, label_shape: tuple[int, ...],
                  ldtype: np.dtype, staging_bytes: int = STAGING_BYTES, pool: Optional[ThreadPoolExecutor] = None,
-                 soft: bool = False) -> None:
-        self.path, self.rows, self.crcs, self.pool = path, 0, [], pool  # type: ignore[var-annotated]
+                 soft: bool = False, checksum: bool = True) -> None:
+        self.path, self.rows, self.crcs, self.pool, self.checksum = path, 0, [], pool, checksum  # type: ignore[var-annotated]
         self.soft, self.failed = soft, None  # soft: an I/O error drops the file, the CRCs go on (``failed``)
         row_bytes = int(np.prod(feature_shape, dtype=np.int64)) * fdtype.itemsize
         self.chunk_rows = chunk_rows_for(row_bytes)
         self.stage_rows = self.chunk_rows * max(1, staging_bytes // (self.chunk_rows * max(row_bytes, 1)))
-        self.fdtype, self.ldtype = fdtype, ldtype
-        self.f: Optional[h5py.File] = None
-        if path is not None:
-            self.f = h5py.File(path, "w")
-            self.x = self.f.create_dataset(FEATURES, shape=(0, *feature_shape), maxshape=(None, *feature_shape),
-                                           chunks=(self.chunk_rows, *feature_shape), dtype=fdtype)
-            self.y = self.f.create_dataset(LABELS, shape=(0, *label_shape), maxshape=(None, *label_shape),
-                                           chunks=(self.chunk_rows, *label_shape), dtype=ldtype)
+        self.f: Optional[h5py.File] = h5py.File(path, "w")
+        self.x = self.f.create_dataset(FEATURES, shape=(0, *feature_shape), maxshape=(None, *feature_shape),
+                                       chunks=(self.chunk_rows, *feature_shape), dtype=fdtype)
+        self.y = self.f.create_dataset(LABELS, shape=(0, *label_shape), maxshape=(None, *label_shape),
+                                       chunks=(self.chunk_rows, *label_shape), dtype=ldtype)
         self.xs = np.empty((self.stage_rows, *feature_shape), fdtype)  # (S, *feature_shape) staging
         self.ys = np.empty((self.stage_rows, *label_shape), ldtype)  # (S, *label_shape)
         self.fill = 0
@@ -59,7 +65,7 @@ class ChunkFile:
                 self.flush()
 
     def flush(self) -> None:
-        """Write the staged rows (the last chunk may be partial only at the end) and their CRCs."""
+        """Write the staged rows (the last chunk may be partial only at the end) and their CRCs (``checksum``)."""
         n, a = self.fill, self.rows
         if n == 0:
             return
@@ -71,16 +77,16 @@ class ChunkFile:
                 self.y.write_direct(self.ys, np.s_[0:n], np.s_[a:a + n])
             except OSError as e:
                 self.fail(e)
-        parts = [p for s in range(0, n, self.chunk_rows)
-                 for p in (self.xs[s:min(s + self.chunk_rows, n)], self.ys[s:min(s + self.chunk_rows, n)])]
-        sums = list(self.pool.map(_crc, parts)) if self.pool is not None and len(parts) > 2 else [_crc(p) for p in parts]
-        self.crcs.extend(zip(sums[0::2], sums[1::2]))
+        if self.checksum:
+            self.crcs.extend(chunk_crcs(self.xs[:n], self.ys[:n], self.chunk_rows, self.pool))
         self.rows, self.fill = a + n, 0
 
-    def finish(self, attrs: dict[str, Any], row_start: int, on_checksums: Callable[[np.ndarray], None]) -> None:
-        """Write the last rows, the checksums and the metadata; flush, fsync and close."""
+    def finish(self, attrs: dict[str, Any], row_start: int, on_checksums: Callable[[np.ndarray], None] = lambda t: None,
+               table: Optional[np.ndarray] = None) -> None:
+        """Write the last rows, the checksums (``table``, else the ones computed here) and the metadata; flush,
+        fsync and close."""
         self.flush()
-        table = np.asarray(self.crcs, dtype="<u4").reshape(-1, 2)
+        table = np.asarray(self.crcs if table is None else table, dtype="<u4").reshape(-1, 2)
         on_checksums(table)
         if self.f is None:
             return

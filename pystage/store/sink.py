@@ -50,17 +50,13 @@ def check_space(directory: str, tmp: str, rows: Optional[int], out: torch.Tensor
 class Sink:
     """Takes each batch's features (already in the storage dtype) and labels, in order."""
 
-    def __init__(self, stored: torch.dtype, fshape: tuple[int, ...], lshape: tuple[int, ...], y_dtype: torch.dtype,
-                 rows: Optional[int], device: torch.device, writer: EntryWriter, in_memory: bool) -> None:
-        self.stored, self.device, self.writer, self.expected = stored, device, writer, rows
+    def __init__(self, stored: torch.dtype, y_dtype: torch.dtype, memory: Optional[MemoryRows]) -> None:
+        self.stored, self.memory = stored, memory
         self.fdtype, self.ldtype = storage_dtype(stored), label_storage_dtype(y_dtype)
         self.rows, self.flags = 0, []  # type: ignore[var-annotated]
-        self.memory: Optional[MemoryRows] = None
-        if in_memory:
-            self.memory = MemoryRows(torch.empty((rows, *fshape), dtype=stored, device=device),  # (N, *fshape)
-                                     torch.empty((rows, *lshape), dtype=y_dtype, device=device))  # (N, *lshape)
-            if device.type == "cpu":
-                self.x_np, self.y_np = as_numpy(self.memory.x), as_numpy(self.memory.y)
+        if memory is not None and memory.device.type == "cpu":
+            self.x_np, self.y_np = as_numpy(memory.x), as_numpy(memory.y)
+        self.writer: EntryWriter = None  # type: ignore[assignment]
 
     @classmethod
     def open(cls, directory: str, tmp: str, final: str, spec: Any, out: torch.Tensor, y: torch.Tensor,
@@ -75,10 +71,14 @@ class Sink:
         to_disk = not (in_memory and spec.disk_copy == "never")
         if to_disk:
             check_space(directory, tmp, rows, out, y)
-        writer = EntryWriter(tmp if to_disk else None, final, fshape, fdtype, lshape, ldtype, to_numpy, lock=lock,
-                             on_publish=on_publish, staging_bytes=staging_bytes,
-                             soft=in_memory and spec.disk_copy == "background")
-        return cls(stored, fshape, lshape, y.dtype, rows, device, writer, in_memory)
+        memory = MemoryRows(torch.empty((rows, *fshape), dtype=stored, device=device),  # (N, *fshape)
+                            torch.empty((rows, *lshape), dtype=y.dtype, device=device)) if in_memory else None  # (N, *lshape)
+        sink = cls(stored, y.dtype, memory)
+        background = in_memory and spec.disk_copy == "background"
+        sink.writer = EntryWriter(tmp if to_disk else None, final, fshape, fdtype, lshape, ldtype, to_numpy, lock=lock,
+                                  on_publish=on_publish, staging_bytes=staging_bytes, soft=background, memory=memory,
+                                  defer_writes=background)
+        return sink
 
     def add(self, i: int, cast: torch.Tensor, y: torch.Tensor, to_numpy: Callable) -> None:
         """Batch ``i``: ``cast: (B, *fshape)`` in the storage dtype on the build device, ``y: (B, *lshape)``."""
@@ -87,28 +87,30 @@ class Sink:
             raise StoreArgumentError("data", f"more than the {self.memory.x.shape[0]} rows it has", "as many rows "
                                      "as its length")
         if cast.device.type == "cuda":
-            self._add_cuda(i, a, b, cast, y)
+            self._add_cuda(a, b, cast, y)
         else:
             if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
                 raise _non_finite(i, self.stored)
             xn, yn = to_numpy(cast, self.fdtype), to_numpy(y, self.ldtype)
-            if self.memory is not None:
+            if self.memory is None:
+                self.writer.put(xn, yn)
+            else:
                 self.x_np[a:b], self.y_np[a:b] = xn, yn
-                xn, yn = self.x_np[a:b], self.y_np[a:b]  # views: the writer reads the memory copy
-            self.writer.put(xn, yn)
+                self.writer.rows_ready(b)
         self.rows = b
 
-    def _add_cuda(self, i: int, a: int, b: int, cast: torch.Tensor, y: torch.Tensor) -> None:
+    def _add_cuda(self, a: int, b: int, cast: torch.Tensor, y: torch.Tensor) -> None:
         if cast.is_floating_point():
             self.flags.append(torch.isfinite(cast).all())  # checked once, after the last batch
-        xs, ys = cast, y
         if self.memory is not None:
             self.memory.x[a:b].copy_(cast)
             self.memory.y[a:b].copy_(y, non_blocking=True)
-            xs, ys = self.memory.x[a:b], self.memory.y[a:b]
         ready = torch.cuda.Event()
         ready.record()
-        self.writer.put(xs, ys, ready)
+        if self.memory is None:
+            self.writer.put(cast, y, ready)
+        else:
+            self.writer.rows_ready(b, ready)
 
     def close(self, attrs: dict[str, Any], row_start: int, path: str, key: str, wait: bool) -> Built:
         """Check finiteness (once, on CUDA), hand the metadata to the writer; wait for it unless in memory."""
@@ -116,7 +118,7 @@ class Sink:
             ok = torch.stack(self.flags)
             if not bool(ok.all()):  # the one wait for the device of a CUDA build
                 raise _non_finite(int((~ok).nonzero()[0, 0]), self.stored)
-        self.writer.close(dict(attrs), row_start)
+        self.writer.close(dict(attrs), row_start, self.rows)
         if self.memory is None or wait:
             self.writer.wait()
         if self.memory is None:
@@ -125,7 +127,7 @@ class Sink:
             self.memory = MemoryRows(self.memory.x[:self.rows], self.memory.y[:self.rows])
         meta = _meta(attrs, path, key, self.rows, self.stored, self.fdtype, self.ldtype, self.writer.chunk_rows,
                      row_start)
-        return Built(path, meta, self.memory, None if self.writer.done else self.writer)
+        return Built(path, meta, self.memory, None if self.writer.published else self.writer)
 
     def abort(self) -> None:
         self.writer.abort()

@@ -1,16 +1,21 @@
 """Write an entry's file from a background thread, beside the forward pass that computes its rows.
 
-The builder hands row blocks to ``EntryWriter.put`` (a bounded queue: at most ``depth`` blocks wait) and goes
-on computing. The writer thread gathers rows into whole chunks, computes each chunk's CRC-32 (several chunks
-at once: zlib releases the GIL), appends them to the temporary file ``<key>.h5.partial-<pid>-<random>``, and,
-after ``close``, writes the checksum table and the metadata, flushes, fsyncs, renames the file to ``<key>.h5``
-and fsyncs the directory: the same steps and the same crash-safety as a build that writes inline (a build
-killed at any point leaves at most the temporary file, which the next build of the key removes). Blocks may be
-numpy arrays or device tensors: a CUDA block is copied to page-locked memory on the writer's own stream, after
-the event that marks it computed, so the copies never wait behind the compute stream nor stall it.
+Two ways in. *Streamed rows* (an entry written to disk only): the builder hands row blocks to ``put`` (a
+bounded queue: at most ``depth`` blocks wait) and goes on computing; the thread gathers them into whole
+chunks, writes them and computes each chunk's CRC-32. *Rows in memory* (an entry kept on the build device):
+the builder only says how many rows are ready (``rows_ready``); the thread reads them from that memory (a CUDA
+block is copied to page-locked memory on the thread's own stream, after the event that marks it computed, so
+the copies neither wait behind the compute stream nor stall it), checksums each whole chunk as soon as it is
+complete, and writes them: at once (``defer_writes=False``), or only after the last CRC (``defer_writes``, a
+disk copy in the background), so the CRC table, and with it the entry's content digest, is ready as soon as
+the forward pass ends. CRCs of several chunks run at once (zlib releases the GIL).
 
-An error in the thread (a full disk...) removes the temporary file and is raised by the builder's next
-``put``, by ``checksums`` or by ``wait``.
+After ``close`` the thread writes the checksum table and the metadata, flushes, fsyncs, renames the file to
+``<key>.h5`` and fsyncs the directory: the same steps and crash-safety as a build that writes inline (a
+build killed at any point leaves at most the temporary file ``<key>.h5.partial-<pid>-<random>``, which the
+next build of the key removes). An error in the thread removes the temporary file and is raised by the
+builder's next call, by ``checksums`` or by ``wait``; with ``soft`` an I/O error (a full disk) only drops the
+file: the CRCs go on and only ``wait`` raises it.
 """
 from __future__ import annotations
 
@@ -24,17 +29,20 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from pystage.store.chunkfile import STAGING_BYTES, ChunkFile, fsync_dir, is_enospc
+from pystage.store.chunkfile import STAGING_BYTES, ChunkFile, chunk_crcs, fsync_dir, is_enospc
 from pystage.store.errors import StoreDiskFullError
+from pystage.store.format import chunk_rows_for
+from pystage.store.memory import MemoryRows, as_numpy
 
 log = logging.getLogger(__name__)
 CRC_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
+BLOCK_BYTES = 64 << 20  # rows read from memory at once (whole chunks)
 THREAD_NAME = "pystage-store-writer"
 _FINISH, _ABORT = "finish", "abort"
 
 
 class _DeviceCopier:
-    """Device tensors to numpy arrays in the writer thread: a side stream and one reused page-locked buffer."""
+    """Device tensors to numpy arrays in the writer thread: a side stream and one reused page-locked buffer each."""
 
     def __init__(self) -> None:
         self.stream: Optional[Any] = None
@@ -42,6 +50,7 @@ class _DeviceCopier:
 
     def __call__(self, i: int, t: torch.Tensor, ready: Optional[Any], to_numpy: Callable[[torch.Tensor], np.ndarray]
                  ) -> np.ndarray:
+        """``t`` as a numpy array (valid until the next call with the same ``i``)."""
         if t.device.type != "cuda":
             return to_numpy(t)
         with torch.cuda.device(t.device):
@@ -60,27 +69,36 @@ class _DeviceCopier:
 
 
 class EntryWriter:
-    """A thread that writes one entry file: ``put`` rows, ``close`` with the metadata, then it publishes.
+    """A thread that writes one entry file; ``close`` with the metadata, then it publishes.
 
-    ``tmp=None``: no file, only the CRC table (an entry kept in memory without a disk copy). ``soft``: an I/O error
-    (a full disk) drops the file but not the CRC table, and only ``wait`` raises it (the entry is in memory: the
-    build and what reads the entry go on).
-    ``lock``: the key's file lock, released by the thread once the entry is published (or the build failed).
-    ``on_publish``: called in the thread after the rename (the store prunes to its disk budget there).
-    ``to_numpy(tensor, np_dtype)``: how a tensor block becomes the stored bytes.
+    ``tmp=None``: no file, only the CRC table (an entry kept in memory without a disk copy). ``memory``: the
+    rows are read from there (``rows_ready``), else handed over (``put``). ``lock``: the key's file lock,
+    released by the thread once the entry is published (or the build failed). ``on_publish``: called in the
+    thread after the rename (the store prunes to its disk budget there). ``to_numpy(tensor, np_dtype)``: how a
+    tensor block becomes the stored bytes.
     """
 
     def __init__(self, tmp: Optional[str], final: str, feature_shape: tuple[int, ...], fdtype: np.dtype,
                  label_shape: tuple[int, ...], ldtype: np.dtype, to_numpy: Callable[[torch.Tensor, np.dtype], np.ndarray],
                  depth: int = 4, lock: Any = None, on_publish: Optional[Callable[[], None]] = None,
-                 staging_bytes: int = STAGING_BYTES, soft: bool = False) -> None:
+                 staging_bytes: int = STAGING_BYTES, soft: bool = False, memory: Optional[MemoryRows] = None,
+                 defer_writes: bool = False) -> None:
         self.tmp, self.final, self.lock, self.on_publish, self.to_numpy = tmp, final, lock, on_publish, to_numpy
+        self.memory, self.defer_writes, self.fdtype, self.ldtype = memory, defer_writes, fdtype, ldtype
         self.pool = ThreadPoolExecutor(CRC_THREADS, thread_name_prefix=THREAD_NAME + "-crc") if CRC_THREADS > 1 else None
-        self.file = ChunkFile(tmp, feature_shape, fdtype, label_shape, ldtype, staging_bytes, self.pool, soft)
-        self.chunk_rows = self.file.chunk_rows
+        self.file = None if tmp is None else ChunkFile(tmp, feature_shape, fdtype, label_shape, ldtype, staging_bytes,
+                                                       self.pool, soft, checksum=memory is None)
+        row_bytes = int(np.prod(feature_shape, dtype=np.int64)) * fdtype.itemsize
+        self.chunk_rows = chunk_rows_for(row_bytes)
+        self.block_rows = self.chunk_rows * max(1, BLOCK_BYTES // max(1, self.chunk_rows * row_bytes))
+        if memory is not None and memory.device.type == "cpu":
+            self._np = (as_numpy(memory.x), as_numpy(memory.y))  # views of the rows in RAM
         self.error: Optional[BaseException] = None
-        self.table: Optional[np.ndarray] = None  # (chunks, 2) CRCs, once every row is written
-        self._queue: "queue.Queue[tuple]" = queue.Queue(maxsize=max(1, depth))
+        self.table: Optional[np.ndarray] = None  # (chunks, 2) CRCs, once every row is checksummed
+        self._crcs: list[tuple[int, int]] = []
+        self._checked = self._written = 0  # rows checksummed / written (memory mode)
+        self._ready_event: Any = None  # the CUDA event after the last rows handed over (memory mode)
+        self._queue: "queue.Queue[tuple]" = queue.Queue(maxsize=0 if memory is not None else max(1, depth))
         self._checksummed, self._done = threading.Event(), threading.Event()
         self._copy = _DeviceCopier()
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME)
@@ -92,9 +110,13 @@ class EntryWriter:
         read after the event ``ready``); blocks while ``depth`` blocks wait. Raises the thread's error."""
         self._enqueue(("rows", x, y, ready))
 
-    def close(self, attrs: dict[str, Any], row_start: int) -> None:
-        """No more rows: the thread writes the metadata and publishes the entry."""
-        self._enqueue((_FINISH, attrs, row_start))
+    def rows_ready(self, stop: int, ready: Any = None) -> None:
+        """Rows ``[0, stop)`` of ``memory`` are computed (on CUDA: once the event ``ready`` has passed)."""
+        self._enqueue(("ready", stop, ready))
+
+    def close(self, attrs: dict[str, Any], row_start: int, rows: int) -> None:
+        """No more rows (``rows`` in all): the thread writes the metadata and publishes the entry."""
+        self._enqueue((_FINISH, attrs, row_start, rows))
 
     def abort(self) -> None:
         """Stop without publishing; the temporary file is removed. Waits for the thread."""
@@ -107,7 +129,7 @@ class EntryWriter:
         self._thread.join()
 
     def checksums(self) -> np.ndarray:
-        """The CRC table ``(chunks, 2)`` once every row is written (before the fsync and the rename)."""
+        """The CRC table ``(chunks, 2)`` once every row is checksummed (before the last writes, fsync and rename)."""
         self._checksummed.wait()
         self._raise()
         return self.table  # type: ignore[return-value]
@@ -117,7 +139,7 @@ class EntryWriter:
         self._done.wait()
         self._thread.join()
         self._raise()
-        if self.file.failed is not None:
+        if self.file is not None and self.file.failed is not None:
             raise _disk_error(self.file.failed, self.tmp or self.final)
         return self.final
 
@@ -128,7 +150,7 @@ class EntryWriter:
     @property
     def published(self) -> bool:
         """The file is in place."""
-        return self.done and self.error is None and self.file.failed is None and self.tmp is not None
+        return self.done and self.error is None and self.file is not None and self.file.failed is None
 
     def _enqueue(self, item: tuple) -> None:
         while True:
@@ -151,12 +173,17 @@ class EntryWriter:
                 if item[0] == _ABORT:
                     raise _Aborted()
                 if item[0] == _FINISH:
-                    self._publish(*item[1:])
+                    self._finish(*item[1:])
                     return
+                if item[0] == "ready":
+                    self._ready_event = item[2]
+                    self._from_memory(item[1] // self.chunk_rows * self.chunk_rows)
+                    continue
                 _, x, y, ready = item
-                self.file.append(self._numpy(0, x, ready), self._numpy(1, y, ready))
+                self.file.append(self._numpy(0, x, ready), self._numpy(1, y, ready))  # type: ignore[union-attr]
         except BaseException as e:  # noqa: BLE001 - handed to the builder
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
             if self.tmp is not None and os.path.exists(self.tmp):
                 os.remove(self.tmp)
             if not isinstance(e, _Aborted):
@@ -173,19 +200,42 @@ class EntryWriter:
     def _numpy(self, i: int, t: Any, ready: Any) -> np.ndarray:
         if isinstance(t, np.ndarray):
             return t
-        dtype = self.file.fdtype if i == 0 else self.file.ldtype
-        return self._copy(i, t, ready, lambda h: self.to_numpy(h, dtype))
+        return self._copy(i, t, ready, lambda h: self.to_numpy(h, self.fdtype if i == 0 else self.ldtype))
 
-    def _publish(self, attrs: dict[str, Any], row_start: int) -> None:
-        def checksummed(table: np.ndarray) -> None:
-            self.table = table
-            self._checksummed.set()
+    def _from_memory(self, stop: int, write: Optional[bool] = None) -> None:
+        """Checksum rows ``[checked, stop)`` of ``memory`` (and write them, unless writes are deferred)."""
+        write = not self.defer_writes if write is None else write
+        while self._checked < stop:
+            a, b = self._checked, min(stop, self._checked + self.block_rows)
+            x, y = self._rows(a, b)
+            self._crcs.extend(chunk_crcs(x, y, self.chunk_rows, self.pool))
+            if write and self.file is not None:
+                self.file.append(x, y)
+                self._written = b
+            self._checked = b
 
-        self.file.finish(attrs, row_start, checksummed)
-        if self.tmp is None or self.file.failed is not None:
+    def _rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``[a, b)`` of ``memory`` as numpy arrays (CUDA rows: copied, valid until the next call)."""
+        if self.memory.device.type == "cpu":  # type: ignore[union-attr]
+            return self._np[0][a:b], self._np[1][a:b]
+        return (self._numpy(0, self.memory.x[a:b], self._ready_event),  # type: ignore[union-attr]
+                self._numpy(1, self.memory.y[a:b], self._ready_event))  # type: ignore[union-attr]
+
+    def _finish(self, attrs: dict[str, Any], row_start: int, rows: int) -> None:
+        if self.memory is not None:
+            self._from_memory(rows)
+            self._checksummed_as(np.asarray(self._crcs, dtype="<u4").reshape(-1, 2))
+            for a in range(self._written, rows, self.block_rows):  # deferred writes
+                if self.file is None or self.file.failed is not None:
+                    break
+                self.file.append(*self._rows(a, min(rows, a + self.block_rows)))
+        if self.file is None:
+            return
+        self.file.finish(attrs, row_start, self._checksummed_as, table=self.table)
+        if self.file.failed is not None:
             return
         try:
-            os.replace(self.tmp, self.final)
+            os.replace(self.tmp, self.final)  # type: ignore[arg-type]
             fsync_dir(os.path.dirname(self.final))
         except OSError as e:
             self.file.fail(e)
@@ -196,6 +246,10 @@ class EntryWriter:
                 self.on_publish()
             except Exception as e:  # noqa: BLE001 - the entry is published; pruning is best effort
                 log.warning("after publishing %s: %s", self.final, e)
+
+    def _checksummed_as(self, table: np.ndarray) -> None:
+        self.table = table
+        self._checksummed.set()
 
     def _drain(self) -> None:
         """After an error: take what the builder still queues until it stops (``put`` raises, ``close`` ends)."""
