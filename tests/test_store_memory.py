@@ -139,10 +139,12 @@ def test_background_disk_copy_is_published_later_and_hidden_until_then(tmp_path,
     assert entry.memory_device == torch.device("cpu") and not entry.on_disk
     assert not os.path.exists(entry.path) and not store.has(entry.key) and store.ls() == []
     x = torch.cat([b for b, _ in entry.stream(batch_size=64, shuffle=False)])  # served while the copy is held
+    digest = entry.content_digest  # the CRC table is complete before the file is
+    assert not entry.on_disk
     gate.open()
     assert entry.wait() is entry and entry.on_disk and store.verify() == []
     fresh = store.open(entry.key)
-    assert fresh.content_digest == entry.content_digest
+    assert fresh.content_digest == entry.content_digest == digest
     assert torch.equal(torch.cat([b for b, _ in fresh.stream(batch_size=64, shuffle=False)]), x)
 
 
