@@ -160,7 +160,7 @@ def test_disk_full_mid_write_raises_and_removes_the_temporary_file(tmp_path, mon
 
     monkeypatch.setattr(h5py.Dataset, "write_direct", full)
     monkeypatch.setattr(build_mod, "STAGING_BYTES", 64 << 10)  # several writes for a small entry
-    store = FeatureStore(tmp_path / "root")
+    store = FeatureStore(tmp_path / "root", device_budget=0)  # rows handed to the writer (memory: test_store_memory)
     m = _stage()
     key = store.key("fp", m, dtype=torch.float32)
     with pytest.raises(StoreDiskFullError, match="no space left") as err:

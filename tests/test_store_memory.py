@@ -187,24 +187,31 @@ def test_an_entry_built_from_an_entry_in_memory_reads_it_from_memory(tmp_path, m
     assert torch.equal(torch.cat([x for x, _ in second.stream(batch_size=100, shuffle=False)]), want)
 
 
-@pytest.mark.parametrize("copy", ["background", "wait"])
+@pytest.mark.parametrize("copy", ["background", "wait", "disk only"])
 def test_disk_full_in_the_writer_leaves_nothing_on_disk(tmp_path, monkeypatch, copy):
-    """Waiting, the build raises. In the background the entry in memory stays whole (its CRC table too: the content
-    digest is the one a clean build gives) and ``wait()`` raises."""
-    real, calls = h5py.Dataset.write_direct, []
+    """Waiting (or writing to disk only), the build raises. In the background the entry in memory stays whole (its
+    CRC table too: the content digest is the one a clean build gives) and ``wait()`` raises."""
+    import pystage.store.chunkfile as chunkfile
 
-    def full(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, *a, **kw)
+    calls = []
+
+    def failing(real):
+        def write(*a, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*a, **kw)
+        return write
 
     _, clean = _build(tmp_path / "clean", width=64, ram_budget="64MiB")
-    monkeypatch.setattr(h5py.Dataset, "write_direct", full)
+    monkeypatch.setattr(h5py.Dataset, "write_direct", failing(h5py.Dataset.write_direct))  # rows handed over
+    monkeypatch.setattr(chunkfile, "_pwrite_all", failing(chunkfile._pwrite_all))  # rows written from memory
     monkeypatch.setattr("pystage.store.build.STAGING_BYTES", 16 << 10)  # a write per 1 MiB chunk: 6 chunks
-    store, m = FeatureStore(tmp_path / "full", ram_budget="64MiB", disk_copy=copy), _stage(64)
+    monkeypatch.setattr("pystage.store.writer.BLOCK_BYTES", 1 << 20)
+    kw = dict(device_budget=0) if copy == "disk only" else dict(disk_copy=copy)
+    store, m = FeatureStore(tmp_path / "full", ram_budget="64MiB", **kw), _stage(64)
     key = store.key("fp", m, torch.float16)
-    if copy == "wait":
+    if copy != "background":
         with pytest.raises(StoreDiskFullError):
             store.build(key, m, _data(), batch_size=64, progress=False)
     else:

@@ -393,10 +393,13 @@ def test_a_full_disk_under_a_background_copy_does_not_stop_training(tmp_path, mo
     train, val = task()
     clean = fit(model(), train, val, tmp_path / "clean", method="partial")
 
-    def full(self, *a, **kw):
+    import pystage.store.chunkfile as chunkfile
+
+    def full(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(h5py.Dataset, "write_direct", full)
+    monkeypatch.setattr(chunkfile, "_pwrite_all", full)  # entries in memory are written with pwrite
     with caplog.at_level(logging.WARNING):
         got = fit(model(), train, val, tmp_path / "full", method="partial")
     assert "was not written" in caplog.text and "No space left" in caplog.text

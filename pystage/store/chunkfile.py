@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from pystage.store.format import CHECKSUMS, FEATURES, LABELS, chunk_rows_for
+from pystage.store.layout import _layout
 
 STAGING_BYTES = 8 << 20  # rows gathered before each write: whole chunks
 
@@ -35,24 +36,58 @@ def chunk_crcs(x: np.ndarray, y: np.ndarray, chunk_rows: int, pool: Optional[Thr
 
 class ChunkFile:
     """Appends rows to '/features' and '/labels' of a new HDF5 file in whole chunks, with a CRC per chunk
-    (``checksum=False``: the caller computes the CRC table and hands it to ``finish``)."""
+    (``checksum=False``: the caller computes the CRC table and hands it to ``finish``).
+
+    ``rows`` (known row count): the datasets get their final shape and every chunk is allocated when the file is
+    made (no fill), and ``write_at`` puts rows straight into their chunks with ``os.pwrite``: no staging copy, and
+    the GIL is released for the whole write (h5py holds it while it writes), so a training loop in another
+    thread keeps running. The file is the same as an appended one."""
 
     def __init__(self, path: str, feature_shape: tuple[int, ...], fdtype: np.dtype, label_shape: tuple[int, ...],
                  ldtype: np.dtype, staging_bytes: int = STAGING_BYTES, pool: Optional[ThreadPoolExecutor] = None,
-                 soft: bool = False, checksum: bool = True) -> None:
+                 soft: bool = False, checksum: bool = True, rows: Optional[int] = None) -> None:
         self.path, self.rows, self.crcs, self.pool, self.checksum = path, 0, [], pool, checksum  # type: ignore[var-annotated]
         self.soft, self.failed = soft, None  # soft: an I/O error drops the file, the CRCs go on (``failed``)
         row_bytes = int(np.prod(feature_shape, dtype=np.int64)) * fdtype.itemsize
         self.chunk_rows = chunk_rows_for(row_bytes)
         self.stage_rows = self.chunk_rows * max(1, staging_bytes // (self.chunk_rows * max(row_bytes, 1)))
         self.f: Optional[h5py.File] = h5py.File(path, "w")
-        self.x = self.f.create_dataset(FEATURES, shape=(0, *feature_shape), maxshape=(None, *feature_shape),
-                                       chunks=(self.chunk_rows, *feature_shape), dtype=fdtype)
-        self.y = self.f.create_dataset(LABELS, shape=(0, *label_shape), maxshape=(None, *label_shape),
-                                       chunks=(self.chunk_rows, *label_shape), dtype=ldtype)
+        self.fixed, self.fd, self.layouts = rows is not None, -1, (None, None)
+        self.x, self.y = (self._dataset(name, shape, dtype, rows) for name, shape, dtype in
+                          ((FEATURES, feature_shape, fdtype), (LABELS, label_shape, ldtype)))
+        if self.fixed:
+            self.layouts = (_layout(self.x, self.chunk_rows), _layout(self.y, self.chunk_rows))
+            self.fd = os.open(path, os.O_WRONLY)
         self.xs = np.empty((self.stage_rows, *feature_shape), fdtype)  # (S, *feature_shape) staging
         self.ys = np.empty((self.stage_rows, *label_shape), ldtype)  # (S, *label_shape)
         self.fill = 0
+
+    def _dataset(self, name: str, shape: tuple[int, ...], dtype: np.dtype, rows: Optional[int]) -> h5py.Dataset:
+        chunks = (self.chunk_rows, *shape)
+        if rows is None:
+            return self.f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), chunks=chunks,  # type: ignore[union-attr]
+                                         dtype=dtype)
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # every chunk has its place in the file now
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        return self.f.create_dataset(name, shape=(rows, *shape), maxshape=(None, *shape), chunks=chunks,  # type: ignore[union-attr]
+                                     dtype=dtype, dcpl=dcpl)
+
+    def write_at(self, a: int, x: np.ndarray, y: np.ndarray) -> None:
+        """Rows ``[a, a + len(x))`` into their chunks (a file made with ``rows``); ``a`` is chunk-aligned."""
+        if self.f is None:
+            return
+        try:
+            for arr, layout, dset in zip((x, y), self.layouts, (self.x, self.y)):
+                if layout is None:  # not a plain layout (never for what pystage writes): through HDF5
+                    dset.write_direct(np.ascontiguousarray(arr), np.s_[0:len(arr)], np.s_[a:a + len(arr)])
+                    continue
+                flat, rb = memoryview(np.ascontiguousarray(arr)).cast("B"), layout.row_bytes
+                for off, r0, r1 in layout.runs(a, a + len(arr)):
+                    _pwrite_all(self.fd, flat[(r0 - a) * rb:(r1 - a) * rb], off)
+        except OSError as e:
+            self.fail(e)
+        self.rows = max(self.rows, a + len(x))
 
     def append(self, x: np.ndarray, y: np.ndarray) -> None:
         pos = 0
@@ -91,6 +126,7 @@ class ChunkFile:
         if self.f is None:
             return
         try:
+            self._close_fd()
             attrs["row_range"] = np.asarray([row_start, row_start + self.rows], dtype=np.int64)
             self.f.create_dataset(CHECKSUMS, data=table)
             for k, v in attrs.items():
@@ -118,7 +154,13 @@ class ChunkFile:
             os.remove(self.path)
         self.f = None
 
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
+        self._close_fd()
         if self.f is not None and self.f.id.valid:
             try:
                 self.f.close()
@@ -139,3 +181,8 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (it may write fewer)."""
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n

@@ -86,8 +86,9 @@ class EntryWriter:
         self.tmp, self.final, self.lock, self.on_publish, self.to_numpy = tmp, final, lock, on_publish, to_numpy
         self.memory, self.defer_writes, self.fdtype, self.ldtype = memory, defer_writes, fdtype, ldtype
         self.pool = ThreadPoolExecutor(CRC_THREADS, thread_name_prefix=THREAD_NAME + "-crc") if CRC_THREADS > 1 else None
-        self.file = None if tmp is None else ChunkFile(tmp, feature_shape, fdtype, label_shape, ldtype, staging_bytes,
-                                                       self.pool, soft, checksum=memory is None)
+        self.file = None if tmp is None else ChunkFile(
+            tmp, feature_shape, fdtype, label_shape, ldtype, staging_bytes, self.pool, soft, checksum=memory is None,
+            rows=None if memory is None else memory.x.shape[0])
         row_bytes = int(np.prod(feature_shape, dtype=np.int64)) * fdtype.itemsize
         self.chunk_rows = chunk_rows_for(row_bytes)
         self.block_rows = self.chunk_rows * max(1, BLOCK_BYTES // max(1, self.chunk_rows * row_bytes))
@@ -210,7 +211,7 @@ class EntryWriter:
             x, y = self._rows(a, b)
             self._crcs.extend(chunk_crcs(x, y, self.chunk_rows, self.pool))
             if write and self.file is not None:
-                self.file.append(x, y)
+                self.file.write_at(a, x, y)
                 self._written = b
             self._checked = b
 
@@ -228,7 +229,7 @@ class EntryWriter:
             for a in range(self._written, rows, self.block_rows):  # deferred writes
                 if self.file is None or self.file.failed is not None:
                     break
-                self.file.append(*self._rows(a, min(rows, a + self.block_rows)))
+                self.file.write_at(a, *self._rows(a, min(rows, a + self.block_rows)))
         if self.file is None:
             return
         self.file.finish(attrs, row_start, self._checksummed_as, table=self.table)
