@@ -92,6 +92,10 @@ def test_device_budget_values(tmp_path):
             FeatureStore(tmp_path, device_budget=bad)
     with pytest.raises(StoreArgumentError, match="disk_copy"):
         FeatureStore(tmp_path, disk_copy="later")
+    store = FeatureStore(tmp_path, ram_budget="8MiB", disk_budget="1GiB")
+    other = store.replace(device_budget=0)
+    assert other.directory == store.directory and other.config.device_budget == 0 and store.config.device_budget == "auto"
+    assert (other.config.ram_budget, other.config.disk_budget) == (8 << 20, 1 << 30)
 
 
 class _Gate:

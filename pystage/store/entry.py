@@ -127,11 +127,13 @@ class StoreEntry:
         return iter_stream(self._meta, self.ram_budget, opts, pool=self._file_pool())
 
     def release_buffers(self) -> None:
-        """Free the stream windows kept between epochs and the rows held in memory (kept when there is no disk copy:
-        they are the entry)."""
+        """Free the stream windows kept between epochs and the rows held in memory (kept when there is no disk copy,
+        or its writing failed: they are the entry; a copy still being written reads its own reference)."""
         self._pool.clear()
+        writer = self._writer
+        failed = writer is not None and (writer.error is not None or (writer.file is not None and writer.file.failed))
         with self._lock:
-            if self._file:
+            if self._file and not failed:
                 self._memory = None
 
     def verify(self) -> list[tuple[int, int, int]]:

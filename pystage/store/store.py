@@ -1,6 +1,7 @@
 """FeatureStore: content-addressed, disk-backed features of frozen stages (build once, stream many times)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ class FeatureStore:
         c = self.config
         return (f"FeatureStore(root={c.root!r}, ram_budget={c.ram_budget}, disk_budget={c.disk_budget}, "
                 f"device_budget={c.device_budget!r}, disk_copy={c.disk_copy!r})")
+
+    def replace(self, **changes: Any) -> "FeatureStore":
+        """The same store (same root and entries) with other options: ``store.replace(device_budget=0)``."""
+        c = dataclasses.replace(self.config, **changes)
+        return FeatureStore(c.root, c.ram_budget, c.disk_budget, c.lock_timeout, c.device_budget, c.disk_copy)
 
     def key(self, upstream: str, module: nn.Module, dtype: torch.dtype = torch.float16, transforms: str = "",
             split: str = "train", shard: Optional[tuple[int, int]] = None, extra: Any = None) -> StoreKey:

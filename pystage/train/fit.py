@@ -112,7 +112,10 @@ def _fit_stages(m: Method, model: nn.Module, train: Dataset, val: Optional[Datas
         store.config.root if store is not None else default_root(), "stages")
     check.check_writable(root, "checkpoint_dir")
     world, dev = distributed.init(dev)  # joins the process group (torchrun's environment) if any
+    if budget is not None and dev.type == "cuda" and store is not None and store.config.device_budget == "auto":
+        store = store.replace(device_budget=0)  # the planned budget has no room for features held on the GPU
     run = _Run(m, dev, store, StageCache(str(root)), **opts)
+    run.data_on_device = budget is None  # nor for the data set
     if world.active:  # rank 0 writes checkpoints, every rank reads them
         run.world, run.cache = world, distributed.RankZeroCache(run.cache)  # type: ignore[assignment]
     if budget is not None:  # planner's split points; re-planned if a stage runs out of memory anyway
@@ -149,6 +152,7 @@ class _Run:
     """State of one ``fit`` call: configuration, the store and its feature chain, the stage cache, the sources."""
 
     plan: Any = None
+    data_on_device = True  # a GPU run holds a tensor data set on the device when it fits (not under a budget)
     current_unit = 0  # the unit (stage) training now; the memory guard re-plans from it
     world: distributed.World = distributed.World()
 
@@ -165,7 +169,8 @@ class _Run:
         report = FitReport(self.method.name, self.epochs, self.batch_size, str(self.device),
                            PeakMeter(self.device).source, plan=self.plan)
         units = [[i] for i in range(len(net))] if self.method.per_stage else [list(range(len(net)))]
-        part, on = (self.world.rank, self.world.size), data_device(self.device, self.store, train, val)
+        part = (self.world.rank, self.world.size)
+        on = data_device(self.device, self.store, train, val) if self.data_on_device else None
         src: BatchSource = DatasetSource(train, self.batch_size, self.seed, part=part, device=on)
         val_src = DatasetSource(val, self.batch_size, shuffle=False, part=part, device=on) if val is not None else None
         distributed.broadcast_(net)  # rank 0's initial weights on every rank (no-op in a world of one)
