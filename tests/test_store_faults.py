@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import pystage.store.build as build_mod
+import pystage.store.sink as sink_mod
 from pystage.store import (FeatureStore, StoreCorruptError, StoreDiskFullError, StoreNotFoundError,
                            StoreVersionError)
 
@@ -159,7 +160,7 @@ def test_disk_full_mid_write_raises_and_removes_the_temporary_file(tmp_path, mon
 
     monkeypatch.setattr(h5py.Dataset, "write_direct", full)
     monkeypatch.setattr(build_mod, "STAGING_BYTES", 64 << 10)  # several writes for a small entry
-    store = FeatureStore(tmp_path / "root")
+    store = FeatureStore(tmp_path / "root", device_budget=0)  # rows handed to the writer (memory: test_store_memory)
     m = _stage()
     key = store.key("fp", m, dtype=torch.float32)
     with pytest.raises(StoreDiskFullError, match="no space left") as err:
@@ -170,7 +171,7 @@ def test_disk_full_mid_write_raises_and_removes_the_temporary_file(tmp_path, mon
 
 
 def test_disk_too_small_fails_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(build_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(sink_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     store = FeatureStore(tmp_path / "root")
     m = _stage()
     with pytest.raises(StoreDiskFullError) as err:

@@ -144,7 +144,7 @@ def test_partial_reads_stored_features_built_with_one_forward_pass(tmp_path):
     store = FeatureStore(tmp_path / "store")
     rep = pystage.fit(staged, train, val, method="partial", epochs=epochs, config=CFG, store=store,
                       checkpoint_dir=tmp_path / "stages", progress=False).report
-    build = max(BATCH, 256)  # fit builds entries with batches of at least 256 rows
+    build = BATCH  # on the CPU fit builds entries at the training batch size (on a GPU: at least 256 rows)
     steps = epochs * math.ceil(N / BATCH)
     for i in range(3):
         ev = calls.of(i)
@@ -354,3 +354,56 @@ def test_sgd_config_is_used(tmp_path):
     assert [(s.lr, s.weight_decay) for s in rep.stages] == [(0.05, 0.0)] * 2
     other = fit(model(), train, val, tmp_path, method="partial").report
     assert other.stages[0].stage_key != rep.stages[0].stage_key  # the configuration is part of the key
+
+
+# -- stored features in memory --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("copy", ["auto", "never"])
+def test_partial_on_features_in_memory_equals_partial_on_features_read_from_disk(tmp_path, copy, monkeypatch):
+    """The entries built in memory (the device budget's default on the CPU holds them) train exactly as the same
+    entries read from their files; fit returns once every background disk copy is published."""
+    from pystage.store.entry import StoreEntry
+
+    train, val = task()
+    runs, loads, real = {}, [], StoreEntry._load
+    monkeypatch.setattr(StoreEntry, "_load", lambda self, *a: loads.append(self.key) or real(self, *a))
+    for name, kw in (("disk", dict(device_budget=0)), ("memory", dict(disk_copy=copy))):
+        loads.clear()
+        store = FeatureStore(tmp_path / name / "store", **kw)
+        runs[name] = pystage.fit(model("cnn8"), train, val, method="partial", store=store, config=CFG,
+                                 checkpoint_dir=tmp_path / name / "stages", progress=False)
+        keys = [s.store_key for s in runs[name].report.stages[:-1]]
+        assert all(store.has(k) for k in keys) == (copy != "never" or name == "disk")
+        assert (store.verify() == []) if store.ls() else copy == "never"
+        assert bool(loads) == (name == "disk")  # from the files, or never read from a file
+    a, b = runs["disk"], runs["memory"]
+    assert [s.stage_key for s in a.report.stages] == [s.stage_key for s in b.report.stages]
+    assert [s.val_acc for s in a.report.stages] == [s.val_acc for s in b.report.stages]
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_full_disk_under_a_background_copy_does_not_stop_training(tmp_path, monkeypatch, caplog):
+    """The features train the next stage from memory; the failed disk copy is logged, and nothing is left on disk."""
+    import errno
+    import logging
+
+    import h5py
+
+    train, val = task()
+    clean = fit(model(), train, val, tmp_path / "clean", method="partial")
+
+    import pystage.store.chunkfile as chunkfile
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "write_direct", full)
+    monkeypatch.setattr(chunkfile, "_pwrite_all", full)  # entries in memory are written with pwrite
+    with caplog.at_level(logging.WARNING):
+        got = fit(model(), train, val, tmp_path / "full", method="partial")
+    assert "was not written" in caplog.text and "No space left" in caplog.text
+    assert FeatureStore(tmp_path / "full" / "store").ls() == []
+    assert [s.stage_key for s in got.report.stages] == [s.stage_key for s in clean.report.stages]
+    for p, q in zip(got.model.parameters(), clean.model.parameters()):
+        assert torch.equal(p, q)

@@ -20,7 +20,7 @@ from pystage.bench.errors import from_json
 from pystage.bench.report import environment, format_table, print_environment, write_json
 from pystage.errors import UsageError
 
-METHODS = ("total", "partial", "partial-recompute", "checkpoint")
+METHODS = ("total", "partial", "partial-recompute", "checkpoint", "plain")  # plain: pystage/bench/plain.py
 COLUMNS = ["method", "model", "epochs", "wall_s", "vs_total", "measured_peak_mib", "rss_peak_mib", "train_acc",
            "val_acc", "store_s"]
 BUDGET_COLUMNS = ["method", "fits", "predicted_peak_mib", "measured_peak_mib", "budget_mib", "wall_s", "epoch_s",
@@ -100,6 +100,8 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["vs_total"] = r["wall_s"] / total if total and r.get("wall_s") else "-"
         if not r.get("wall_s"):
             row.update(wall_s=r.get("status", "-"), measured_peak_mib="-", rss_peak_mib="-", store_s="-")
+        elif r.get("measured_peak_mib") is None:  # plain on the CPU: no live-tensor accounting in a user's loop
+            row["measured_peak_mib"] = "-"
         for k in ("train_acc", "val_acc"):
             row[k] = f"{100 * r[k]:.1f}%" if isinstance(r.get(k), float) else "-"
         rows.append(row)
@@ -184,8 +186,8 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     runs = [r for r in runs if r.get("wall_s")]
     names = [r["method"] for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    memory = "training memory (MiB): " + ("max_memory_allocated" if "cuda" in runs[0]["measured_peak_source"]
-                                          else "live tensors of a step")
+    source = next((r["measured_peak_source"] for r in runs if r.get("measured_peak_source")), "")
+    memory = "training memory (MiB): " + ("max_memory_allocated" if "cuda" in source else "live tensors of a step")
     for ax, key, label in zip(axes, ("wall_s", "measured_peak_mib", "val_acc"),
                               ("wall time (s)", memory, "val accuracy")):
         ax.bar(names, [r.get(key) or 0 for r in runs], color="#4c72b0")
@@ -211,10 +213,10 @@ def run(args: argparse.Namespace) -> int:
     base = {"model": args.model, "data": args.data, "path": args.path, "n": args.n, "val_n": args.val_n,
             "epochs": args.epochs, "batch_size": args.batch_size, "device": args.device, "seed": args.seed,
             "threads": args.threads}
-    if args.nproc > 1:  # each method on 1 and on N processes (pystage/bench/train_dist.py)
+    if args.nproc > 1:  # each method on 1 and on N processes (pystage/bench/train_dist.py); plain is one process
         from pystage.bench.train_dist import run_distributed
 
-        return run_distributed(args, methods, base, env)
+        return run_distributed(args, [m for m in methods if m != "plain"], base, env)
     budget = _budget_plan(args, train) if args.budget else None
     runs = []
     for method in methods:
@@ -232,7 +234,13 @@ def run(args: argparse.Namespace) -> int:
             _annotate(runs[-1], budget)
     print(format_table(_rows(runs), COLUMNS))
     print(memory_note(runs))
-    payload: dict[str, Any] = {"benchmark": "train", "environment": env, "runs": runs}
+    from pystage.bench.plain import targets
+
+    ratios = targets(runs, args.n)
+    for name, value in ratios.items():
+        if value is not None:
+            print(f"{name}: {value:.3f}")
+    payload: dict[str, Any] = {"benchmark": "train", "environment": env, "runs": runs, **ratios}
     if budget is not None:
         print(budget["text"])
         print(format_table(runs, BUDGET_COLUMNS))

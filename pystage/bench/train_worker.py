@@ -47,6 +47,11 @@ def load_data(spec: dict[str, Any]):
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import pystage
 
+    if spec["method"] == "plain":  # the user's own loop, for the throughput baseline
+        from pystage.bench import plain
+
+        return plain.run(spec, load_data)
+
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     train, val = load_data(spec)

@@ -1,18 +1,17 @@
-"""Build one entry: a single no-grad forward pass of a frozen stage, streamed into a temporary HDF5 file, then renamed."""
+"""Build one entry: a single no-grad forward pass of a frozen stage; its rows go to a writer thread (a temporary
+HDF5 file, renamed into place once complete) and, when the entry fits the device budget, stay in memory (sink.py)."""
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import h5py
 import numpy as np
@@ -21,14 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
-from pystage.store.errors import StoreArgumentError, StoreDiskFullError
-from pystage.store.format import (CHECKSUMS, CHUNK_BYTES, FEATURES, FORMAT_NAME, FORMAT_VERSION, LABELS,
-                                  chunk_checksum, chunk_rows_for, entry_path, label_storage_dtype, storage_dtype)
+from pystage.store.chunkfile import STAGING_BYTES  # passed on when a build starts (tests shrink it)
+from pystage.store.errors import StoreArgumentError
+from pystage.store.format import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, entry_path
 from pystage.store.keys import dtype_name
+from pystage.store.sink import Built, Sink
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial-"  # temporary files: <key>.h5.partial-<pid>-<random>
-STAGING_BYTES = 8 << 20  # rows gathered before each write: whole chunks
 
 
 @dataclass
@@ -42,6 +41,8 @@ class BuildSpec:
     shard: Optional[tuple[int, int]] = None
     progress: bool = True
     info: Optional[dict[str, Any]] = None  # upstream, split, transforms, extra: recorded in the metadata
+    memory_budget: int = 0  # bytes of features that may stay in memory on the build device (memory.py)
+    disk_copy: str = "wait"  # of an entry kept in memory: "background", "wait" (before build returns), "never"
 
 
 def shard_range(num_rows: int, shard: Optional[tuple[int, int]]) -> tuple[int, int]:
@@ -89,81 +90,6 @@ def _batches(data: Any, spec: BuildSpec) -> tuple[Iterator[Any], Optional[int], 
     raise StoreArgumentError("data", type(data).__name__, "a torch Dataset or DataLoader yielding (x, y), or a StoreEntry")
 
 
-class _Writer:
-    """Appends rows to '/features' and '/labels' of a temporary file in whole chunks, with a CRC per chunk."""
-
-    def __init__(self, path: str, feature_shape: tuple[int, ...], fdtype: np.dtype, label_shape: tuple[int, ...],
-                 ldtype: np.dtype) -> None:
-        self.path, self.rows, self.crcs = path, 0, []
-        row_bytes = int(np.prod(feature_shape, dtype=np.int64)) * fdtype.itemsize
-        self.chunk_rows = chunk_rows_for(row_bytes)
-        self.stage_rows = self.chunk_rows * max(1, STAGING_BYTES // (self.chunk_rows * max(row_bytes, 1)))
-        self.f = h5py.File(path, "w")
-        self.x = self.f.create_dataset(FEATURES, shape=(0, *feature_shape), maxshape=(None, *feature_shape),
-                                       chunks=(self.chunk_rows, *feature_shape), dtype=fdtype)
-        self.y = self.f.create_dataset(LABELS, shape=(0, *label_shape), maxshape=(None, *label_shape),
-                                       chunks=(self.chunk_rows, *label_shape), dtype=ldtype)
-        self.xs = np.empty((self.stage_rows, *feature_shape), fdtype)  # (S, *feature_shape) staging
-        self.ys = np.empty((self.stage_rows, *label_shape), ldtype)  # (S, *label_shape)
-        self.fill = 0
-
-    def append(self, x: np.ndarray, y: np.ndarray) -> None:
-        pos = 0
-        while pos < len(x):
-            n = min(len(x) - pos, self.stage_rows - self.fill)
-            self.xs[self.fill:self.fill + n] = x[pos:pos + n]
-            self.ys[self.fill:self.fill + n] = y[pos:pos + n]
-            self.fill, pos = self.fill + n, pos + n
-            if self.fill == self.stage_rows:
-                self._flush()
-
-    def _flush(self) -> None:
-        n, a = self.fill, self.rows
-        if n == 0:
-            return
-        self.x.resize(a + n, axis=0)
-        self.y.resize(a + n, axis=0)
-        self.x.write_direct(self.xs, np.s_[0:n], np.s_[a:a + n])
-        self.y.write_direct(self.ys, np.s_[0:n], np.s_[a:a + n])
-        for s in range(0, n, self.chunk_rows):
-            self.crcs.append(chunk_checksum(self.xs[s:s + self.chunk_rows][: n - s], self.ys[s:s + self.chunk_rows][: n - s]))
-        self.rows, self.fill = a + n, 0
-
-    def finish(self, attrs: dict[str, Any], row_start: int) -> None:
-        """Write the last rows, the checksums and the metadata; flush, fsync and close."""
-        self._flush()
-        attrs["row_range"] = np.asarray([row_start, row_start + self.rows], dtype=np.int64)
-        self.f.create_dataset(CHECKSUMS, data=np.asarray(self.crcs, dtype="<u4").reshape(-1, 2))
-        for k, v in attrs.items():
-            self.f.attrs[k] = v
-        self.f.attrs["chunk_rows"] = self.chunk_rows
-        self.f.attrs["num_rows"] = self.rows
-        self.f.attrs["complete"] = True  # last attribute written
-        self.f.flush()
-        self.f.close()
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        if self.f.id.valid:
-            self.f.close()
-
-
-def _is_enospc(e: BaseException) -> bool:
-    return isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left" in str(e) or "errno = 28" in str(e))
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _to_numpy(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     t = t.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
@@ -175,88 +101,97 @@ def _input_dtype(module: nn.Module) -> Optional[torch.dtype]:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
-def build_entry(directory: str, module: nn.Module, data: Any, spec: BuildSpec) -> str:
-    """Run ``module`` once over ``data`` and publish the features as ``<directory>/<key>.h5``; returns the path."""
+def build_entry(directory: str, module: nn.Module, data: Any, spec: BuildSpec, lock: Any = None,
+                on_publish: Optional[Callable[[], None]] = None) -> Built:
+    """Run ``module`` once over ``data`` into ``<directory>/<key>.h5`` (and, if it fits ``spec.memory_budget``,
+    into memory on the build device). ``lock``: the key's lock, released once the entry is published or the
+    build failed (by the writer thread when the disk copy is written in the background)."""
     if not isinstance(module, nn.Module):
+        _release(lock)
         raise StoreArgumentError("module", type(module).__name__, "a torch.nn.Module")
     if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
+        _release(lock)
         raise StoreArgumentError("batch_size", spec.batch_size, "a positive int")
     final = entry_path(directory, spec.key)
     tmp = f"{final}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    batches, expected_rows, (start, stop), source_rows = _batches(data, spec)
-    device, in_dtype = torch.device(spec.device), _input_dtype(module)
-    writer: Optional[_Writer] = None
+    device = torch.device(spec.device)
+    sink: Optional[Sink] = None
     t0, calls, was_training = time.perf_counter(), 0, module.training
     module.eval()
-    bar = tqdm(total=expected_rows, unit="row", desc=f"store {spec.key[:8]}", disable=not spec.progress, leave=False)
+    bar = None
     try:
+        batches, expected_rows, (start, stop), source_rows = _batches(data, spec)
+        bar = tqdm(total=expected_rows, unit="row", desc=f"store {spec.key[:8]}", disable=not spec.progress, leave=False)
         with torch.no_grad():
             for i, item in enumerate(batches):
-                if not isinstance(item, (tuple, list)) or len(item) != 2:
-                    raise StoreArgumentError(f"data batch {i}", type(item).__name__, "a pair (x, y)")
-                x, y = item
-                x = x.to(device, non_blocking=True)
-                if in_dtype is not None and x.is_floating_point():
-                    x = x.to(in_dtype)
-                out = module(x)  # (B, *feature_shape)
+                out, y = _forward(module, item, i, device)
                 calls += 1
-                y = torch.as_tensor(y)
-                if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0] or len(y) != len(out):
-                    raise StoreArgumentError(f"module output for batch {i}", getattr(out, "shape", type(out).__name__),
-                                             f"a tensor with {x.shape[0]} rows and as many labels, got {len(y)} labels")
-                if writer is None:
-                    fdtype = storage_dtype(spec.storage_dtype or out.dtype)
-                    writer = _Writer(tmp, tuple(out.shape[1:]), fdtype, tuple(y.shape[1:]), label_storage_dtype(y.dtype))
-                    _check_space(directory, tmp, expected_rows, out, y)
-                    stored = spec.storage_dtype or out.dtype
-                cast = out.to(stored)
-                if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
-                    raise StoreArgumentError(f"module output for batch {i} in {stored}", "non-finite values (NaN, "
-                                             "inf, or beyond the storage dtype's range)",
-                                             "finite features: non-finite features are never stored")
-                writer.append(_to_numpy(cast, writer.x.dtype), _to_numpy(y, writer.y.dtype))
+                if sink is None:
+                    sink = Sink.open(directory, tmp, final, spec, out, y, expected_rows, device, _numpy, lock, on_publish,
+                                     STAGING_BYTES)
+                sink.add(i, out.to(sink.stored), y, _numpy)
                 bar.update(len(out))
-        if writer is None:
+        if sink is None:
             raise StoreArgumentError("data", "0 rows", "at least one row")
-        attrs = _attrs(spec, module, stored, writer, device, calls, time.perf_counter() - t0, source_rows)
-        writer.finish(attrs, start)
-        os.replace(tmp, final)
-        _fsync_dir(directory)
-    except BaseException as e:
-        if writer is not None:
-            writer.close()
+        attrs = _attrs(spec, module, sink, device, calls, time.perf_counter() - t0, source_rows)
+        built = sink.close(attrs, start, final, spec.key, wait=spec.disk_copy == "wait")
+    except BaseException:
+        if sink is not None:
+            sink.abort()  # the writer thread removes the temporary file and releases the lock
+        else:
+            _release(lock)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if _is_enospc(e) and not isinstance(e, StoreDiskFullError):
-            raise StoreDiskFullError(tmp, str(e)) from e
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         module.train(was_training)
-    log.info("built %s: %d rows in %d forward calls, %.1f s", final, writer.rows, calls, time.perf_counter() - t0)
-    return final
+    log.info("built %s: %d rows in %d forward calls, %.1f s%s", final, sink.rows, calls, time.perf_counter() - t0,
+             "" if built.writer is None else " (disk copy still being written)")
+    return built
 
 
-def _check_space(directory: str, tmp: str, rows: Optional[int], out: torch.Tensor, y: torch.Tensor) -> None:
-    """Fail before writing when the entry cannot fit on the disk."""
-    if rows is None:
-        return
-    row = out[0].numel() * out.element_size() + y[0].numel() * y.element_size()
-    needed, free = rows * row, shutil.disk_usage(directory).free
-    if needed > free:
-        raise StoreDiskFullError(tmp, "not enough free space for the entry", needed, free)
+def _forward(module: nn.Module, item: Any, i: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features ``(B, *feature_shape)``, labels) of batch ``i``."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise StoreArgumentError(f"data batch {i}", type(item).__name__, "a pair (x, y)")
+    x, y = item
+    x = x.to(device, non_blocking=True)
+    in_dtype = _input_dtype(module)
+    if in_dtype is not None and x.is_floating_point():
+        x = x.to(in_dtype)
+    if device.type == "cpu" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's convolutions run ~2x faster on NHWC here
+    out = module(x)  # (B, *feature_shape)
+    y = torch.as_tensor(y)
+    if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0] or len(y) != len(out):
+        raise StoreArgumentError(f"module output for batch {i}", getattr(out, "shape", type(out).__name__),
+                                 f"a tensor with {x.shape[0]} rows and as many labels, got {len(y)} labels")
+    return out, y
 
 
-def _attrs(spec: BuildSpec, module: nn.Module, stored: torch.dtype, w: _Writer, device: torch.device, calls: int,
-           seconds: float, source_rows: Optional[int]) -> dict[str, Any]:
+def _numpy(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    return _to_numpy(t, dtype)  # looked up when called: what the stored bytes are made with
+
+
+def _release(lock: Any) -> None:
+    if lock is not None:
+        lock.release()
+
+
+def _attrs(spec: BuildSpec, module: nn.Module, sink: Sink, device: torch.device, calls: int, seconds: float,
+           source_rows: Optional[int]) -> dict[str, Any]:
     import pystage
 
     info = dict(spec.info or {})
+    fshape = sink.memory.x.shape[1:] if sink.memory is not None else sink.writer.file.xs.shape[1:]  # type: ignore[union-attr]
+    lshape = sink.memory.y.shape[1:] if sink.memory is not None else sink.writer.file.ys.shape[1:]  # type: ignore[union-attr]
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "key": spec.key,
-        "feature_shape": np.asarray(w.x.shape[1:], dtype=np.int64), "feature_dtype": dtype_name(stored),
-        "stored_dtype": w.x.dtype.str, "bfloat16_as_uint16": stored == torch.bfloat16,
-        "label_shape": np.asarray(w.y.shape[1:], dtype=np.int64), "label_dtype": w.y.dtype.str,
+        "feature_shape": np.asarray(fshape, dtype=np.int64), "feature_dtype": dtype_name(sink.stored),
+        "stored_dtype": sink.fdtype.str, "bfloat16_as_uint16": sink.stored == torch.bfloat16,
+        "label_shape": np.asarray(lshape, dtype=np.int64), "label_dtype": sink.ldtype.str,
         "checksum": "crc32", "checksum_layout": "one row per chunk: [crc32(feature bytes), crc32(label bytes)]",
         "upstream": info.get("upstream", ""), "split": info.get("split", ""), "transforms": info.get("transforms", ""),
         "module_digest": info.get("module_digest", ""), "shard": json.dumps(spec.shard), "extra": json.dumps(info.get("extra")),

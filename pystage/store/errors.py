@@ -31,9 +31,9 @@ class StoreKeyMismatchError(StoreError, ValueError):
 class StoreNotFoundError(StoreError, LookupError):
     """No complete entry for the key in the store."""
 
-    def __init__(self, key: str, path: str) -> None:
+    def __init__(self, key: str, path: str, detail: str = "build it with store.build()") -> None:
         self.key, self.path = key, path
-        super().__init__(f"no feature-store entry for key {key}: {path} does not exist; build it with store.build()")
+        super().__init__(f"no feature-store entry for key {key}: {path} does not exist; {detail}")
 
 
 class StoreCorruptError(StoreError):

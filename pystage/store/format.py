@@ -93,12 +93,12 @@ class EntryMeta:
         return -(-self.num_rows // self.chunk_rows)
 
 
-def _attr(v: Any) -> Any:
+def attr_value(v: Any) -> Any:
     """HDF5 attribute -> plain Python value."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.ndarray):
-        return [_attr(x) for x in v.tolist()]
+        return [attr_value(x) for x in v.tolist()]
     if isinstance(v, np.generic):
         return v.item()
     return v
@@ -116,7 +116,7 @@ def read_meta(path: str, key: Optional[str] = None) -> EntryMeta:
 
 
 def _validate(f: h5py.File, path: str, key: Optional[str]) -> EntryMeta:
-    attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    attrs = {k: attr_value(v) for k, v in f.attrs.items()}
     missing = [a for a in _REQUIRED_ATTRS if a not in attrs]
     if attrs.get("format") != FORMAT_NAME:
         raise StoreCorruptError(path, "attribute 'format'", repr(FORMAT_NAME), attrs.get("format"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,20 +19,33 @@ def lock_path(directory: str, key: str) -> str:
     return os.path.join(directory, LOCK_DIR, key + ".lock")
 
 
-@contextmanager
-def key_lock(directory: str, key: str, timeout: float = -1) -> Iterator[None]:
-    """Hold the key's lock (an OS file lock: released by the kernel if the holder dies); timeout -1 waits forever."""
+def acquire_key_lock(directory: str, key: str, timeout: float = -1) -> filelock.FileLock:
+    """The key's lock, held (an OS file lock: released by the kernel if the holder dies); timeout -1 waits forever.
+
+    Any thread may release it (a build hands it to the thread that publishes the entry)."""
     path = lock_path(directory, key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    lock = filelock.FileLock(path)
+    lock = filelock.FileLock(path, thread_local=False)
     try:
         lock.acquire(timeout=0)
+        return lock
     except filelock.Timeout:
-        log.info("waiting for %s: another process is building or removing key %s", path, key)
+        log.info("waiting for %s: another process (or thread) is building or removing key %s", path, key)
+    deadline = None if timeout < 0 else time.monotonic() + timeout
+    while True:  # finite waits: filelock refuses an endless one on a lock another thread of ours holds
+        wait = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            lock.acquire(timeout=timeout)
+            lock.acquire(timeout=wait)
+            return lock
         except filelock.Timeout:
-            raise StoreLockTimeout(path, timeout) from None
+            if deadline is not None:
+                raise StoreLockTimeout(path, timeout) from None
+
+
+@contextmanager
+def key_lock(directory: str, key: str, timeout: float = -1) -> Iterator[None]:
+    """Hold the key's lock for the ``with`` block."""
+    lock = acquire_key_lock(directory, key, timeout)
     try:
         yield
     finally:

@@ -87,6 +87,12 @@ def content_digest(meta: EntryMeta) -> str:
             crcs = np.ascontiguousarray(f[CHECKSUMS][()], dtype="<u4")
     except (OSError, KeyError) as e:
         raise StoreCorruptError(meta.path, "dataset '/checksums'", "readable", f"{type(e).__name__}: {e}") from None
+    return digest_of(meta, crcs)
+
+
+def digest_of(meta: EntryMeta, crcs: np.ndarray) -> str:
+    """BLAKE2b of an entry's geometry and its checksum table ``(chunks, 2)``: the entry's content digest."""
+    crcs = np.ascontiguousarray(crcs, dtype="<u4")
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((meta.num_rows, meta.feature_shape, str(meta.dtype), meta.stored_dtype.str, meta.label_shape,
                    meta.label_dtype.str, meta.chunk_rows)).encode())

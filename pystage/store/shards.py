@@ -118,7 +118,7 @@ class ShardSet(Dataset):
             local = indices[at] - self.starts[s]
             if self.nbytes <= self.ram_budget // 2:  # all shards fit half the budget: each loaded (and verified) once
                 if s not in self._resident:
-                    self._resident[int(s)] = self.entries[int(s)]._load_resident()
+                    self._resident[int(s)] = self.entries[int(s)].host_rows()
                 fx, fy = self._resident[int(s)]
                 x[at], y[at] = fx[local], fy[local]
             else:

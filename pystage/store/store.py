@@ -1,6 +1,7 @@
 """FeatureStore: content-addressed, disk-backed features of frozen stages (build once, stream many times)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -14,7 +15,9 @@ from pystage.store.entry import StoreEntry
 from pystage.store.errors import StoreArgumentError, StoreCorruptError, StoreKeyMismatchError, StoreNotFoundError
 from pystage.store.format import entry_path, read_meta
 from pystage.store.keys import StoreKey, check_key, check_shard, module_digest
-from pystage.store.lock import key_lock
+from pystage.store.lock import acquire_key_lock
+from pystage.store.memory import DeviceBudget, budget_bytes, check_budget
+from pystage.store.sink import DISK_COPIES
 from pystage.store.manage import (EntryInfo, StoreProblem, entry_keys, list_entries, mark_used, prune_entries,
                                   remove_entry, verify_entries)
 from pystage.store.sizes import Size, parse_optional_size, parse_size
@@ -40,6 +43,8 @@ class StoreConfig:
     ram_budget: int = 256 << 20  # extra RAM a stream may use (bytes)
     disk_budget: Optional[int] = None  # bytes; after each build, LRU entries are evicted to stay under it
     lock_timeout: float = -1  # seconds to wait for another process's build of the same key; -1: forever
+    device_budget: DeviceBudget = "auto"  # features kept in memory on the build device (memory.py)
+    disk_copy: str = "auto"  # of an entry kept in memory: "auto", "background", "wait" or "never"
 
     @property
     def directory(self) -> str:
@@ -47,20 +52,39 @@ class StoreConfig:
 
 
 class FeatureStore:
-    """Build, open, stream and manage feature entries under ``root`` (see docs/store.md)."""
+    """Build, open, stream and manage feature entries under ``root`` (see docs/store.md).
+
+    ``device_budget``: an entry whose bytes fit it is built straight into memory on the build device (GPU memory;
+    host RAM on the CPU) and streamed from there; entries opened from disk are loaded there once when streamed to
+    that device. "auto" (default): half the free device memory on CUDA, half ``ram_budget`` on the CPU; a fraction
+    in (0, 1] of the free memory; a size; 0: never. ``disk_copy``: how such an entry reaches the disk:
+    "background" (a writer thread publishes it while the caller goes on; ``entry.wait()`` blocks until it has),
+    "wait" (before ``build`` returns), "never" (memory only: nothing to resume from or to share), or "auto" (the
+    default: "wait" for ``build()`` called directly, "background" inside ``pystage.fit``, which waits for every
+    disk copy before it returns).
+    """
 
     def __init__(self, root: Optional[str] = None, ram_budget: Size = "256MiB", disk_budget: Optional[Size] = None,
-                 lock_timeout: float = -1) -> None:
+                 lock_timeout: float = -1, device_budget: DeviceBudget = "auto", disk_copy: str = "auto") -> None:
         if root is not None and (not isinstance(root, (str, os.PathLike)) or not str(root)):
             raise StoreArgumentError("root", root, "a directory path or None (the default cache directory)")
+        if disk_copy not in DISK_COPIES:
+            raise StoreArgumentError("disk_copy", disk_copy, f"one of {DISK_COPIES}")
         self.config = StoreConfig(root=os.path.abspath(os.path.expanduser(str(root) if root else default_root())),
                                   ram_budget=parse_size(ram_budget, "ram_budget"),
-                                  disk_budget=parse_optional_size(disk_budget, "disk_budget"), lock_timeout=lock_timeout)
+                                  disk_budget=parse_optional_size(disk_budget, "disk_budget"), lock_timeout=lock_timeout,
+                                  device_budget=check_budget(device_budget), disk_copy=disk_copy)
         self.directory = self.config.directory
 
     def __repr__(self) -> str:
         c = self.config
-        return f"FeatureStore(root={c.root!r}, ram_budget={c.ram_budget}, disk_budget={c.disk_budget})"
+        return (f"FeatureStore(root={c.root!r}, ram_budget={c.ram_budget}, disk_budget={c.disk_budget}, "
+                f"device_budget={c.device_budget!r}, disk_copy={c.disk_copy!r})")
+
+    def replace(self, **changes: Any) -> "FeatureStore":
+        """The same store (same root and entries) with other options: ``store.replace(device_budget=0)``."""
+        c = dataclasses.replace(self.config, **changes)
+        return FeatureStore(c.root, c.ram_budget, c.disk_budget, c.lock_timeout, c.device_budget, c.disk_copy)
 
     def key(self, upstream: str, module: nn.Module, dtype: torch.dtype = torch.float16, transforms: str = "",
             split: str = "train", shard: Optional[tuple[int, int]] = None, extra: Any = None) -> StoreKey:
@@ -85,39 +109,61 @@ class FeatureStore:
         path = self.path(key)
         if not os.path.exists(path):
             raise StoreNotFoundError(check_key(key), path)
-        entry = StoreEntry(read_meta(path, check_key(key)), self.config.ram_budget)
+        entry = StoreEntry(read_meta(path, check_key(key)), self.config.ram_budget, self.config.device_budget)
         if touch:
             mark_used(path)
         return entry
 
     def build(self, key: str, module: nn.Module, data: Any, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
               storage_dtype: Optional[torch.dtype] = None, progress: bool = True,
-              shard: Optional[tuple[int, int]] = None, verify: bool = False) -> StoreEntry:
+              shard: Optional[tuple[int, int]] = None, verify: bool = False, disk_copy: Optional[str] = None) -> StoreEntry:
         """The entry of ``key``, computing it with one no-grad forward pass of ``module`` over ``data`` if needed.
 
         ``data``: a Dataset or DataLoader of ``(x, y)``, or the previous stage's StoreEntry. Idempotent and
         process-safe: an existing valid entry is returned (with ``verify``, only if every checksum matches), a
-        corrupt one is rebuilt, and a file lock makes concurrent builders of one key compute it once.
+        corrupt one is rebuilt, and a file lock makes concurrent builders of one key compute it once. An entry that
+        fits the device budget is kept in memory on ``device`` and served from there; ``disk_copy`` (None: the
+        store's) says when its file is written (class docstring). Until the file is published no other process
+        sees the entry, and a killed build leaves none.
         """
         k = check_key(key)
+        copy = disk_copy if disk_copy is not None else self.config.disk_copy
+        if copy not in DISK_COPIES:
+            raise StoreArgumentError("disk_copy", disk_copy, f"None or one of {DISK_COPIES}")
         storage_dtype, shard = self._check_build(key, module, data, storage_dtype, shard)
         entry = self._existing(k, verify)
         if entry is not None:
             return entry
-        with key_lock(self.directory, k, self.config.lock_timeout):
+        lock = acquire_key_lock(self.directory, k, self.config.lock_timeout)
+        try:
             entry = self._existing(k, verify=False)  # another process may have built it while we waited
-            if entry is not None:
-                return entry
-            remove_partials(self.directory, k)
-            info = {} if not isinstance(key, StoreKey) else {
-                "upstream": str(key.upstream), "split": str(key.split_name), "transforms": str(key.transforms),
-                "extra": key.extra, "module_digest": str(key.module)}
-            spec = BuildSpec(key=k, batch_size=batch_size, device=str(device), storage_dtype=storage_dtype, shard=shard,
-                             progress=progress, info=info)
-            build_entry(self.directory, module, data, spec)
+            if entry is None:
+                remove_partials(self.directory, k)
+        except BaseException:
+            lock.release()
+            raise
+        if entry is not None:
+            lock.release()
+            return entry
+        info = {} if not isinstance(key, StoreKey) else {
+            "upstream": str(key.upstream), "split": str(key.split_name), "transforms": str(key.transforms),
+            "extra": key.extra, "module_digest": str(key.module)}
+        c = self.config
+        memory = 0 if shard is not None else budget_bytes(c.device_budget, device, c.ram_budget)
+        spec = BuildSpec(key=k, batch_size=batch_size, device=str(device), storage_dtype=storage_dtype, shard=shard,
+                         progress=progress, info=info, memory_budget=memory,
+                         disk_copy="wait" if copy == "auto" else copy)
+        built = build_entry(self.directory, module, data, spec, lock=lock, on_publish=lambda: self._published(k))
+        if built.memory is None:
+            return self.open(k)
+        return StoreEntry(built.meta, c.ram_budget, c.device_budget, memory=built.memory,  # type: ignore[arg-type]
+                          writer=built.writer)
+
+    def _published(self, key: str) -> None:
+        """After an entry is renamed into place (in the writer thread, the key's lock held): keep the disk budget."""
+        mark_used(self.path(key))
         if self.config.disk_budget is not None:
-            prune_entries(self.directory, self.config.disk_budget, keep=[k])
-        return self.open(k)
+            prune_entries(self.directory, self.config.disk_budget, keep=[key])
 
     def _check_build(self, key: str, module: nn.Module, data: Any, storage_dtype: Optional[torch.dtype],
                      shard: Any) -> tuple[Optional[torch.dtype], Optional[tuple[int, int]]]:

@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pystage.store.errors import StoreArgumentError
 from pystage.store.format import EntryMeta
 from pystage.store.prefetch import Filling, WindowFiller
-from pystage.store.window import WindowPool, alloc_arrays
+from pystage.store.window import WindowPool
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 4 << 20  # largest contiguous read; blocks are whole chunks
@@ -134,9 +134,10 @@ def cut_batches(filler: WindowFiller, groups: list[list[tuple[int, int]]], meta:
         del window
 
 
-def iter_stream(meta: EntryMeta, ram_budget: int, opts: StreamOptions, resident: Optional[Any] = None,
-                pool: Optional[WindowPool] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of ``(x, y)`` batches; ``resident()`` returns the whole entry in RAM when the plan allows it.
+def iter_stream(meta: EntryMeta, ram_budget: int, opts: StreamOptions, pool: Optional[WindowPool] = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``(x, y)`` batches read from the file in windows (an entry held in memory is served by
+    ``memory.memory_batches`` in the same order).
 
     ``pool`` keeps window buffers between epochs (StoreEntry passes its own); None: a pool for this epoch.
     """
@@ -144,13 +145,6 @@ def iter_stream(meta: EntryMeta, ram_budget: int, opts: StreamOptions, resident:
     rng = np.random.default_rng((opts.seed, opts.epoch, 0))
     blocks = _blocks(meta, plan, opts, rng)
     rows_rng = np.random.default_rng((opts.seed, opts.epoch, 1 + opts.worker[0]))
-    if plan.resident and resident is not None and opts.rows is None:
-        x, y = resident()  # (N, *feature_shape), (N, *label_shape): loaded once, kept by the entry
-        order = np.concatenate([np.arange(a, b) for a, b in blocks]) if blocks else np.empty(0, np.int64)
-        if opts.shuffle:
-            order = order[rows_rng.permutation(len(order))]  # resident: one window, the whole entry
-        yield from _resident_batches(x, y, order, meta, opts)
-        return
     groups = _windows(blocks, plan.window_rows)
     capacity = min(plan.window_rows, max((sum(b - a for a, b in g) for g in groups), default=1)) + opts.batch_size - 1
     pinned = opts.device is not None and opts.device.type == "cuda"
@@ -160,19 +154,6 @@ def iter_stream(meta: EntryMeta, ram_budget: int, opts: StreamOptions, resident:
         yield from cut_batches(filler, groups, meta, opts)
     finally:
         filler.close()
-
-
-def _resident_batches(x: np.ndarray, y: np.ndarray, order: np.ndarray, meta: EntryMeta, opts: StreamOptions
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    pinned = opts.device is not None and opts.device.type == "cuda"
-    for i in range(0, len(order), opts.batch_size):
-        idx = order[i:i + opts.batch_size]
-        if len(idx) < opts.batch_size and opts.drop_last:
-            return
-        bx, by = alloc_arrays(len(idx), meta, pinned)
-        np.take(x, idx, axis=0, out=bx, mode="clip")
-        np.take(y, idx, axis=0, out=by, mode="clip")
-        yield _emit(bx, by, meta, opts.device)
 
 
 class StoreDataset(IterableDataset):
@@ -200,7 +181,7 @@ class StoreDataset(IterableDataset):
         opts = StreamOptions(**{**self.opts.__dict__, "worker": worker})
         if self._pool is None:
             self._pool = WindowPool()
-        return iter_stream(self.meta, self.ram_budget, opts, resident=None, pool=self._pool)
+        return iter_stream(self.meta, self.ram_budget, opts, pool=self._pool)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pool": None}  # window buffers stay in the process that made them

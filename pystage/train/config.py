@@ -15,7 +15,7 @@ __all__ = ["FIT_OPTIONS", "GROWING_METHODS", "METHODS", "Method", "TrainConfig",
 # value ("distributed": running inside a process group of more than one process)
 FIT_OPTIONS: dict[str, Any] = {"memory_budget": None, "search": None, "store": None, "checkpoint_dir": None,
                                "share_prefixes": True, "store_dtype": torch.float16, "measure_memory": True,
-                               "growth": None, "distributed": False}
+                               "growth": None, "distributed": False, "compile_mode": None}
 _STAGE_OPTIONS = frozenset(FIT_OPTIONS) - {"growth"}
 
 

@@ -130,8 +130,8 @@ class Engine:
         first_step, remaining = cursor.steps, n_steps
         while remaining is None or remaining > 0:
             batches = itertools.islice(source.batches(cursor.epoch), cursor.batch, None)  # continue a stopped epoch
-            for x, y in self.progress.wrap(batches, desc=f"{self.desc} epoch {cursor.epoch + 1}"):
-                x, y = self.feed(x, y)
+            fed = self.feed.batches(batches, threaded=getattr(source, "prefetch", False) and self.device.type == "cpu")
+            for x, y in self.progress.wrap(fed, desc=f"{self.desc} epoch {cursor.epoch + 1}"):
                 rows = global_rows(source, cursor.batch) if source.split_by_rank else len(y)
                 if cursor.steps == measure_at:
                     out, loss, factor, stats.measured_peak = self.measured_step(x, y, rows)
@@ -199,6 +199,24 @@ class Engine:
         if source.split_by_rank:  # each rank evaluated its part of every batch
             total = distributed.all_reduce_(total.reshape(1).to(self.device))[0]
         return float(total) / (source.rows * per)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: Optional[str]) -> None:
+    """FitArgumentError unless ``mode`` is None or one of ``COMPILE_MODES``."""
+    if mode is not None and mode not in COMPILE_MODES:
+        from pystage.train.errors import FitArgumentError
+
+        raise FitArgumentError("compile_mode", mode, f"None (eager) or one of {', '.join(COMPILE_MODES)}")
+
+
+def compiled(net: nn.Module, mode: Optional[str]) -> nn.Module:
+    """``net`` under ``torch.compile(mode=mode)`` (its forward, and so its backward: "reduce-overhead" replays them
+    as CUDA graphs on a GPU); ``net`` itself for None. Shapes are static: the last, smaller batch of an epoch and
+    evaluation compile once more. The compiled module shares ``net``'s parameters."""
+    return net if mode is None else torch.compile(net, mode=mode, dynamic=False)  # type: ignore[return-value]
 
 
 def finite_tensors(*groups: Iterable[Tensor]) -> Tensor:

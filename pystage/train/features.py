@@ -8,6 +8,12 @@ built with; the entries built from it are rebuilt in turn when their keys (conte
 In a process group each rank builds its own shard (``distributed.build_shards``; shards of the next
 stage are keyed by the world-size-independent manifest id) and a corrupt shard stops the run: a
 restart verifies and rebuilds it.
+
+An entry that fits the store's device budget is built into memory on the training device and the next stage
+reads it from there; its disk copy is written in the background while that stage trains (the store's
+``disk_copy="auto"``), and ``wait()`` (``fit`` calls it before returning) blocks until every copy is
+published. Once the entries of the next stage are built from an entry, its rows in memory are released
+(a repair reads its file).
 """
 from __future__ import annotations
 
@@ -53,6 +59,11 @@ class FeatureChain:
         self.store, self.dtype, self.batch_size, self.device, self.progress = store, dtype, batch_size, device, progress
         self._recipes: dict[str, _Recipe] = {}  # by entry path
         self._latest: dict[str, Any] = {}  # entry path -> the entry object built last
+        # on the CPU a build runs at the training batch size: its activations stay in cache (2x faster than 256
+        # rows for the paper's stage 1 here); a GPU wants large batches
+        self.build_batch = batch_size if torch.device(device).type == "cpu" else max(batch_size, 256)
+        copy = store.config.disk_copy
+        self.disk_copy = "background" if copy == "auto" else copy
 
     def build(self, module: nn.Module, inputs: tuple[Any, ...], splits: tuple[str, ...] = ("train", "val"),
               extra: Any = None) -> tuple[tuple[Any, ...], float]:
@@ -64,19 +75,33 @@ class FeatureChain:
                 out.append(None)
             elif distributed.world().active:
                 out.append(distributed.build_shards(self.store, upstream_of(data), module, data, split, self.dtype,
-                                                    max(self.batch_size, 256), self.device, self.progress))
+                                                    self.build_batch, self.device, self.progress))
             else:
                 key = self.store.key(upstream=upstream_of(data), module=module, dtype=self.dtype, split=split,
                                      extra=extra)
                 out.append(self._build(_Recipe(key, module, data)))
+        for data in inputs:  # read once, by this build: their rows need not stay in memory
+            if isinstance(data, StoreEntry):
+                self.latest(data).release_buffers()
         return tuple(out), time.perf_counter() - t
+
+    def wait(self) -> None:
+        """Block until every entry this chain built is on disk (unless built with ``disk_copy="never"``); a disk copy
+        that failed (a full disk) is logged: the run used the rows in memory."""
+        for entry in self._latest.values():
+            if isinstance(entry, StoreEntry):
+                try:
+                    entry.wait()
+                except OSError as e:  # a full disk: training read the rows from memory; a later run builds again
+                    log.warning("the disk copy of %s was not written: %s; the features were used from memory and "
+                                "are not stored for another run", entry.path, e)
 
     def _build(self, recipe: _Recipe) -> Any:
         for attempt in range(MAX_REPAIRS + 1):
             try:
                 entry = self.store.build(recipe.key, recipe.module, self.latest(recipe.data),
-                                         batch_size=max(self.batch_size, 256), device=self.device,
-                                         storage_dtype=self.dtype, progress=self.progress)
+                                         batch_size=self.build_batch, device=self.device,
+                                         storage_dtype=self.dtype, progress=self.progress, disk_copy=self.disk_copy)
                 break
             except StoreCorruptError as e:  # the entry it reads from is corrupt: rebuild that one, then this
                 if attempt == MAX_REPAIRS or not self.repair(e):

@@ -25,7 +25,7 @@ from pystage.store import FeatureStore, StoreCorruptError, dataset_fingerprint, 
 from pystage.train import validate as check
 from pystage.train.cache import StageCache, stage_key
 from pystage.train.config import Method, TrainConfig, check_options, get_method
-from pystage.train.engine import CheckpointedChain, Cursor, Engine, StepStats
+from pystage.train.engine import CheckpointedChain, Cursor, Engine, StepStats, check_compile_mode, compiled
 from pystage.train.errors import FitTypeError
 from pystage.train.feed import Feed, model_dtype
 from pystage.train.features import MAX_REPAIRS, FeatureChain, rebuilt
@@ -34,7 +34,7 @@ from pystage.train.peak import PeakMeter
 from pystage.train.progress import Progress
 from pystage.train.report import FitReport, FitResult, StageReport
 from pystage.train.search import SearchConfig, Trial, draw_configs, run_search
-from pystage.train.sources import BatchSource, DatasetSource, PrefixSource, StoreSource
+from pystage.train.sources import BatchSource, DatasetSource, PrefixSource, StoreSource, data_device
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def fit(model: nn.Module, train: Any, val: Any = None, method: str = "partial", 
         store: Optional[FeatureStore] = None, device: Union[str, torch.device, None] = None,
         checkpoint_dir: Optional[str] = None, *, config: Optional[TrainConfig] = None, seed: int = 0,
         head: str = "linear", progress: Optional[bool] = None, share_prefixes: bool = True,
-        store_dtype: torch.dtype = torch.float16, measure_memory: bool = True, growth: Any = None) -> FitResult:
+        store_dtype: torch.dtype = torch.float16, measure_memory: bool = True, growth: Any = None,
+        compile_mode: Optional[str] = None) -> FitResult:
     """Train ``model`` (an ``nn.Sequential`` with ``split_points``, or a ``StagedNet``) on ``train``.
 
     ``train``/``val``: Datasets of ``(x, y)`` or ``(x, y)`` arrays (``pystage.data.as_dataset``). Trained
@@ -55,6 +56,12 @@ def fit(model: nn.Module, train: Any, val: Any = None, method: str = "partial", 
     measured by live-tensor accounting (``StageReport.measured_peak_mib``: the training memory a budget
     limits; ``measure_memory=False`` skips it). Arguments, data and model are checked before anything trains
     (``pystage.train.errors``); a non-finite loss or weight stops a stage with ``NonFiniteError``.
+
+    On a GPU, training data held as tensors and stored features that fit the store's ``device_budget`` are kept
+    in device memory; feature entries are built there and their disk copies written in the background (``fit``
+    returns once they are on disk). ``compile_mode``: run each stage's forward and backward under
+    ``torch.compile(mode=compile_mode)`` ("default", "reduce-overhead": CUDA graphs on a GPU, ...); None (the
+    default) runs eagerly (docs/store.md, "Training at GPU speed").
     """
     m = get_method(method)
     config = config if config is not None else TrainConfig()
@@ -63,7 +70,8 @@ def fit(model: nn.Module, train: Any, val: Any = None, method: str = "partial", 
                           search=search, store_dtype=store_dtype, memory_budget=memory_budget)
     check_options(m, dict(memory_budget=memory_budget, search=search, store=store, checkpoint_dir=checkpoint_dir,
                           share_prefixes=share_prefixes, store_dtype=store_dtype, measure_memory=measure_memory,
-                          growth=growth, distributed=distributed.requested_size() > 1))
+                          growth=growth, distributed=distributed.requested_size() > 1, compile_mode=compile_mode))
+    check_compile_mode(compile_mode)
     if store is not None and not isinstance(store, FeatureStore):
         raise FitTypeError("store", type(store).__name__, "None or a pystage.FeatureStore")
     dev = check.resolve_device(device)
@@ -77,7 +85,8 @@ def fit(model: nn.Module, train: Any, val: Any = None, method: str = "partial", 
             checkpoint_dir=checkpoint_dir, share_prefixes=share_prefixes, measure_memory=measure_memory)
     return _fit_stages(m, model, train, val, memory_budget, store, dev, checkpoint_dir,
                        dict(epochs=epochs, batch_size=batch_size, search=search, config=config, seed=seed,
-                            store_dtype=store_dtype, progress=Progress(progress), share=share_prefixes),
+                            store_dtype=store_dtype, progress=Progress(progress), share=share_prefixes,
+                            compile_mode=compile_mode),
                        head, measure_memory)
 
 
@@ -104,7 +113,10 @@ def _fit_stages(m: Method, model: nn.Module, train: Dataset, val: Optional[Datas
         store.config.root if store is not None else default_root(), "stages")
     check.check_writable(root, "checkpoint_dir")
     world, dev = distributed.init(dev)  # joins the process group (torchrun's environment) if any
+    if budget is not None and dev.type == "cuda" and store is not None and store.config.device_budget == "auto":
+        store = store.replace(device_budget=0)  # the planned budget has no room for features held on the GPU
     run = _Run(m, dev, store, StageCache(str(root)), **opts)
+    run.data_on_device = budget is None  # nor for the data set
     if world.active:  # rank 0 writes checkpoints, every rank reads them
         run.world, run.cache = world, distributed.RankZeroCache(run.cache)  # type: ignore[assignment]
     if budget is not None:  # planner's split points; re-planned if a stage runs out of memory anyway
@@ -141,15 +153,16 @@ class _Run:
     """State of one ``fit`` call: configuration, the store and its feature chain, the stage cache, the sources."""
 
     plan: Any = None
+    data_on_device = True  # a GPU run holds a tensor data set on the device when it fits (not under a budget)
     current_unit = 0  # the unit (stage) training now; the memory guard re-plans from it
     world: distributed.World = distributed.World()
 
     def __init__(self, method: Method, device: torch.device, store: Optional[FeatureStore], cache: StageCache, *,
                  epochs: int, batch_size: int, search: Optional[SearchConfig], config: TrainConfig, seed: int,
-                 store_dtype: torch.dtype, progress: Progress, share: bool) -> None:
+                 store_dtype: torch.dtype, progress: Progress, share: bool, compile_mode: Optional[str] = None) -> None:
         self.method, self.device, self.store, self.cache = method, device, store, cache
         self.epochs, self.batch_size, self.search, self.config, self.seed = epochs, batch_size, search, config, seed
-        self.store_dtype, self.progress, self.share = store_dtype, progress, share
+        self.store_dtype, self.progress, self.share, self.compile_mode = store_dtype, progress, share, compile_mode
         self.measure = False  # measure one steady-state step per stage (set when training under a budget)
 
     def fit(self, net: StagedNet, train: Dataset, val: Optional[Dataset]) -> FitResult:
@@ -158,8 +171,9 @@ class _Run:
                            PeakMeter(self.device).source, plan=self.plan)
         units = [[i] for i in range(len(net))] if self.method.per_stage else [list(range(len(net)))]
         part = (self.world.rank, self.world.size)
-        src: BatchSource = DatasetSource(train, self.batch_size, self.seed, part=part)
-        val_src = DatasetSource(val, self.batch_size, shuffle=False, part=part) if val is not None else None
+        on = data_device(self.device, self.store, train, val) if self.data_on_device else None
+        src: BatchSource = DatasetSource(train, self.batch_size, self.seed, part=part, device=on)
+        val_src = DatasetSource(val, self.batch_size, shuffle=False, part=part, device=on) if val is not None else None
         distributed.broadcast_(net)  # rank 0's initial weights on every rank (no-op in a world of one)
         self.chain = FeatureChain(self.store, self.store_dtype, self.batch_size, self.device, self.progress.enabled) \
             if self.store is not None and self.method.source == "store" else None
@@ -174,6 +188,8 @@ class _Run:
             if k + 1 < len(units):
                 src, val_src, inputs = self._next_sources(net.stages[unit[-1]].body, src, val_src, inputs, srep)
             report.stages.append(srep)
+        if self.chain is not None:
+            self.chain.wait()  # every disk copy written in the background is published before fit returns
         report.wall_s = time.perf_counter() - t0
         net.drop_heads().eval()
         for p in net.parameters():  # frozen only while later stages trained: the result is an ordinary model
@@ -205,7 +221,7 @@ class _Run:
         head = stages[-1].head
         _reset_head(head, stage_key(upstream=upstream, body=body, purpose="head-init", seed=self.seed))
         chain = CheckpointedChain([s.body for s in stages]) if self.method.checkpoint else body
-        trainable = nn.Sequential(chain, head)
+        trainable = compiled(nn.Sequential(chain, head), None if self.world.active else self.compile_mode)
         # What the cache holds: the same parameters under names that do not depend on the method's wrapping, so
         # "total" and "checkpoint" (one key: the same computation) can load each other's stages and progress.
         saved = nn.Sequential(body, head)

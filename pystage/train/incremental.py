@@ -132,7 +132,10 @@ def fit_incremental(model: nn.Module, train: Dataset, val: Optional[Dataset], gr
     run = _Incremental(cfg, epochs, batch_size, device, config, seed, progress or Progress(False))
     run.chain = FeatureChain(store, store_dtype, batch_size, device, run.progress.enabled) if store else None
     run.cache, run.share, run.measure = cache, share_prefixes, measure_memory
-    return run.fit(net, train, val)
+    result = run.fit(net, train, val)
+    if run.chain is not None:
+        run.chain.wait()  # look-ahead features written in the background are on disk before fit returns
+    return result
 
 
 class _Incremental:

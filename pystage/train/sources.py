@@ -8,8 +8,11 @@ Every source yields the single-process batches of an epoch: global batch ``i`` i
 is the single process's step ``i``; every rank yields as many batches (a part may be empty).
 ``global_rows(i)`` is the size of global batch ``i``: every rank knows it without communicating.
 
-Batches come on the CPU (or already on the device: the store's own pinned, non-blocking copies);
-``Feed`` (feed.py) moves them and casts stored fp16/bf16 features on the device.
+Batches come on the CPU, or already on the device: a tensor data set that fits the device budget is moved there
+once (``DatasetSource(device=...)``, ``data_device``) and an entry held in device memory is gathered there, so
+neither crosses the bus per batch. ``Feed`` (feed.py) moves the others (pinned, on a copy stream, one batch
+ahead) and casts stored fp16/bf16 features on the device. ``prefetch``: whether a source's host work per batch
+(row-by-row reads) is worth a background thread on the CPU.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class BatchSource(Protocol):
     rows: int  # rows of one epoch (all ranks together)
     batch_size: int  # global batch size
     split_by_rank: bool  # yields this rank's part of each global batch
+    prefetch: bool  # its batches cost host work worth overlapping (a background thread on the CPU)
 
     def batches(self, epoch: int) -> Iterator[Batch]: ...
 
@@ -53,26 +57,52 @@ def _seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
+def data_device(device: torch.device, store: Any, *datasets: Optional[Dataset]) -> Optional[torch.device]:
+    """``device`` when it is a GPU and every dataset is two tensors (``.tensors``) that fit, together, the store's
+    device budget (half the free device memory without a store); None: the data stays on the host."""
+    from pystage.store.memory import budget_bytes
+
+    data = [d for d in datasets if d is not None]
+    tensors = [getattr(d, "tensors", None) for d in data]
+    if torch.device(device).type == "cpu" or not data or any(t is None or len(t) != 2 for t in tensors):
+        return None
+    c = store.config if store is not None else None
+    budget = budget_bytes(c.device_budget if c else "auto", device, c.ram_budget if c else 0)
+    need = sum(x.numel() * x.element_size() for t in tensors for x in t)  # type: ignore[union-attr]
+    return device if need <= budget else None
+
+
 class DatasetSource:
-    """Shuffled batches of a dataset: tensors (``.tensors``) are sliced directly, other datasets read row by row."""
+    """Shuffled batches of a dataset: tensors (``.tensors``) are sliced directly, other datasets read row by row.
+
+    ``device``: the tensors are moved there once and every batch is gathered there (the order is drawn on the
+    CPU as without it, so the batches are the same)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 part: Part = (0, 1)) -> None:
+                 part: Part = (0, 1), device: Optional[torch.device] = None) -> None:
         self.dataset, self.batch_size, self.seed, self.shuffle, self.part = dataset, batch_size, seed, shuffle, part
         self.rows = len(dataset)  # type: ignore[arg-type]
         self.split_by_rank = part[1] > 1
+        tensors = getattr(dataset, "tensors", None)
+        self.tensors = tuple(tensors) if tensors is not None and len(tensors) == 2 else None
+        if self.tensors is not None and device is not None:
+            self.tensors = tuple(t.to(device) for t in self.tensors)  # (N, ...) each, held on the device
+        self.prefetch = self.tensors is None  # row-by-row reads and collation
 
     def order(self, epoch: int) -> Tensor:
         gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
         return torch.randperm(self.rows, generator=gen) if self.shuffle else torch.arange(self.rows)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        parts = list(rank_parts(self.order(epoch), self.batch_size, *self.part))
-        tensors = getattr(self.dataset, "tensors", None)
-        if tensors is not None and len(tensors) == 2:
-            for idx in parts:
-                yield tensors[0][idx], tensors[1][idx]
+        order = self.order(epoch)
+        if self.tensors is not None:
+            x, y = self.tensors
+            if x.device.type == "cuda":
+                order = order.pin_memory().to(x.device, non_blocking=True)  # one small copy per epoch, no wait
+            for idx in rank_parts(order, self.batch_size, *self.part):
+                yield x[idx], y[idx]
             return
+        parts = list(rank_parts(order, self.batch_size, *self.part))
         many = getattr(self.dataset, "__getitems__", None)  # one call per batch where the dataset offers it
         for idx in parts:
             if not len(idx):
@@ -97,6 +127,7 @@ class StoreSource:
         self.device = device  # an entry's stream copies to it from its pinned windows (non-blocking)
         self.rows = data.num_rows
         self.split_by_rank = part[1] > 1
+        self.prefetch = False  # the store's stream reads ahead in its own threads
         self.sharded = not hasattr(data, "stream")
         if self.split_by_rank and not self.sharded:
             raise ValueError("a StoreSource split by rank reads a ShardSet, got one entry")
@@ -120,6 +151,7 @@ class PrefixSource:
     def __init__(self, inner: BatchSource, prefix: Sequence[nn.Module], feed: Any) -> None:
         self.inner, self.prefix, self.feed = inner, list(prefix), feed
         self.rows, self.batch_size, self.split_by_rank = inner.rows, inner.batch_size, inner.split_by_rank
+        self.prefetch = False  # its work is compute on the training device
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         for x, y in self.inner.batches(epoch):
