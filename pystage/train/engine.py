@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -127,33 +127,44 @@ class Engine:
         """
         self.net.train()
         stats, losses, factors, correct = StepStats(), [], [], []
-        first_step, remaining = cursor.steps, n_steps
+        first_step = cursor.steps
+        for step, rows, x, y in self.walk(source, n_steps, cursor):
+            if step == measure_at:
+                out, loss, factor, stats.measured_peak = self.measured_step(x, y, rows)
+            else:
+                out, loss, factor = self.step(x, y, rows)
+            losses.append(loss)
+            factors.append(factor)
+            if self.loss == "ce":
+                correct.append((out.argmax(1) == y).sum())
+            stats.seen += rows
+            if on_step is not None:
+                on_step(loss, cursor)
+        return self._close(stats, losses, factors, correct, first_step)
+
+    def walk(self, source: BatchSource, n_steps: Optional[int],
+             cursor: Cursor) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """The batches of ``n_steps`` steps (``None``: the rest of the current epoch) from where ``cursor`` stands,
+        crossing epochs as needed, fed to the device one ahead: ``(step, rows, x, y)`` per batch, ``step`` its
+        global index and ``rows`` the global batch's rows (under DDP each rank holds part of it). The cursor is
+        advanced before the batch is handed out, so a caller that stops after any step leaves it right. Every
+        loop over a source (``run``, the population's) walks it here."""
+        remaining = n_steps
         while remaining is None or remaining > 0:
             batches = itertools.islice(source.batches(cursor.epoch), cursor.batch, None)  # continue a stopped epoch
             fed = self.feed.batches(batches, threaded=getattr(source, "prefetch", False) and self.device.type == "cpu")
             for x, y in self.progress.wrap(fed, desc=f"{self.desc} epoch {cursor.epoch + 1}"):
                 rows = global_rows(source, cursor.batch) if source.split_by_rank else len(y)
-                if cursor.steps == measure_at:
-                    out, loss, factor, stats.measured_peak = self.measured_step(x, y, rows)
-                else:
-                    out, loss, factor = self.step(x, y, rows)
-                losses.append(loss)
-                factors.append(factor)
-                if self.loss == "ce":
-                    correct.append((out.argmax(1) == y).sum())
-                stats.seen += rows
+                step = cursor.steps
                 cursor.steps, cursor.batch = cursor.steps + 1, cursor.batch + 1
-                if on_step is not None:
-                    on_step(loss, cursor)
                 if remaining is not None:
                     remaining -= 1
-                    if remaining == 0:
-                        break
-            else:
-                cursor.epoch, cursor.batch = cursor.epoch + 1, 0
-                if remaining is None:
-                    break
-        return self._close(stats, losses, factors, correct, first_step)
+                yield step, rows, x, y
+                if remaining == 0:
+                    return
+            cursor.epoch, cursor.batch = cursor.epoch + 1, 0
+            if remaining is None:
+                return
 
     def _close(self, stats: StepStats, losses: list[Tensor], factors: list[float], correct: list[Tensor],
                first_step: int) -> StepStats:
@@ -181,6 +192,11 @@ class Engine:
         stats.loss = loss_sum / max(stats.seen, 1)
         return stats
 
+    def eval_batches(self, source: BatchSource) -> Iterable[tuple[Tensor, Tensor]]:
+        """Every batch of ``source`` on the device, fed one ahead, in epoch 0's order (order does not matter)."""
+        return self.feed.batches(source.batches(0), threaded=getattr(source, "prefetch", False)
+                                 and self.device.type == "cpu")
+
     # -- evaluation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, source: Optional[BatchSource]) -> Optional[float]:
@@ -189,8 +205,7 @@ class Engine:
             return None
         self.module.eval()
         parts, per = [], 1
-        for x, y in source.batches(0):  # epoch 0's order: order does not matter
-            x, y = self.feed(x, y)
+        for x, y in self.eval_batches(source):
             out = self.module(x)
             per = max(1, y[0].numel()) if self.loss == "mse" and len(y) else per
             parts.append((out.argmax(1) == y).sum().double() if self.loss == "ce"

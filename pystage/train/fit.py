@@ -27,8 +27,8 @@ from pystage.train.cache import StageCache, stage_key
 from pystage.train.config import Method, TrainConfig, check_options, get_method
 from pystage.train.engine import CheckpointedChain, Cursor, Engine, StepStats, check_compile_mode, compiled
 from pystage.train.errors import FitTypeError
-from pystage.train.feed import Feed, model_dtype
 from pystage.train.features import MAX_REPAIRS, FeatureChain, rebuilt
+from pystage.train.feed import Feed, model_dtype
 from pystage.train.guard import fit_under_budget
 from pystage.train.peak import PeakMeter
 from pystage.train.progress import Progress

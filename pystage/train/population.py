@@ -21,11 +21,10 @@ fails with the ``NonFiniteError`` the engine would raise for it alone, and the o
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -190,9 +189,8 @@ class Population:
         self.module.train()
         losses, factors, correct, rows, peak = [], [], [], 0, None
         first_step = cursor.steps
-        for x, y in _steps(source, n_steps, cursor, self.engine):
-            x, y = self.engine.feed(x, y)
-            if cursor.steps == measure_at:
+        for step, _, x, y in self.engine.walk(source, n_steps, cursor):
+            if step == measure_at:
                 out, loss, peak = self.measured_step(x, y)
             else:
                 out, loss = self.step(x, y)
@@ -243,8 +241,7 @@ class Population:
             return [None] * self.n
         self.module.eval()
         total, per = torch.zeros(self.n, dtype=torch.float64, device=self.engine.device), 1
-        for x, y in source.batches(0):
-            x, y = self.engine.feed(x, y)
+        for x, y in self.engine.eval_batches(source):
             out = self._outputs(x)  # (n, B, ...)
             if self.engine.loss == "ce":
                 total += (out.argmax(2) == y).flatten(1).sum(1).double()
@@ -278,21 +275,3 @@ class Population:
             bufs[k].copy_(b[i])
         opt = self.engine.new_optimizer(config)
         opt.load_state_dict({"state": self.optimizer.member_state(i), "param_groups": opt.state_dict()["param_groups"]})
-
-
-def _steps(source: BatchSource, n_steps: Optional[int], cursor: Cursor, engine: Engine) -> Iterator[Any]:
-    """``n_steps`` batches (``None``: the rest of the epoch) from where ``cursor`` stands, advancing it after each,
-    exactly as ``Engine.run`` walks its source."""
-    remaining = n_steps
-    while remaining is None or remaining > 0:
-        batches = itertools.islice(source.batches(cursor.epoch), cursor.batch, None)  # continue a stopped epoch
-        for batch in engine.progress.wrap(batches, desc=f"{engine.desc} epoch {cursor.epoch + 1}"):
-            yield batch
-            cursor.steps, cursor.batch = cursor.steps + 1, cursor.batch + 1
-            if remaining is not None:
-                remaining -= 1
-                if remaining == 0:
-                    return
-        cursor.epoch, cursor.batch = cursor.epoch + 1, 0
-        if remaining is None:
-            return
