@@ -291,3 +291,22 @@ def test_cuda_build_keeps_the_entry_in_gpu_memory_and_serves_the_files_batches(t
     fresh = FeatureStore(tmp_path, ram_budget="128KiB", device_budget="64MiB").open(entry.key)
     first = list(fresh.stream(device="cuda", batch_size=50))  # loaded into GPU memory once, verified
     assert fresh.memory_device.type == "cuda" and len(first) == -(-N // 50)
+
+
+def test_released_rows_are_freed_by_the_entry_and_its_writer(tmp_path, monkeypatch):
+    """Once an entry's disk copy is written and the entry is released, nothing holds its rows (the writer thread
+    let go of them when it finished), and the freed heap is handed back to the OS (malloc_trim on glibc)."""
+    import gc
+    import weakref
+
+    from pystage.store import entry as entry_module
+
+    trims = []
+    monkeypatch.setattr(entry_module, "trim_host_heap", lambda: trims.append(1))
+    store, entry = _build(tmp_path, ram_budget="64MiB", disk_copy="background")
+    entry._writer.wait()  # the copy is on disk; the entry still holds its writer (fit waits on it at the end)
+    rows = weakref.ref(entry._memory)
+    entry.release_buffers()
+    gc.collect()
+    assert rows() is None and entry.memory_device is None and trims == [1]
+    assert [len(y) for _, y in entry.stream(batch_size=100, shuffle=False)] == [100] * 7  # from the file now

@@ -9,7 +9,8 @@ import torch
 
 from pystage.store.errors import StoreNotFoundError
 from pystage.store.format import EntryMeta, decode_json_attr
-from pystage.store.memory import DeviceBudget, MemoryRows, as_numpy, as_tensor, budget_bytes, memory_batches
+from pystage.store.memory import (DeviceBudget, MemoryRows, as_numpy, as_tensor, budget_bytes, memory_batches,
+                                  trim_host_heap)
 from pystage.store.order import epoch_order
 from pystage.store.reader import content_digest, digest_of, verify_checksums
 from pystage.store.scatter import ScatterReader
@@ -133,8 +134,12 @@ class StoreEntry:
         writer = self._writer
         failed = writer is not None and (writer.error is not None or (writer.file is not None and writer.file.failed))
         with self._lock:
+            freed = self._file and not failed and self._memory is not None
+            host = freed and self._memory.device.type == "cpu"  # type: ignore[union-attr]
             if self._file and not failed:
                 self._memory = None
+        if host:
+            trim_host_heap()
 
     def verify(self) -> list[tuple[int, int, int]]:
         """Chunks of the file whose CRC does not match, as ``(chunk, first_row, stop_row)``; empty when the data is

@@ -14,6 +14,10 @@ the CPU); a size ("2GiB", bytes) is a fixed cap; 0 keeps nothing in memory.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
@@ -145,3 +149,28 @@ def same_device(a: torch.device, b: Optional[Any]) -> bool:
     if a.type != "cuda" or b.index is None or a.index is None:
         return True
     return a.index == b.index
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+def trim_host_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Rows freed in RAM (an entry of tens of MiB released once the next stage's features are built) go back to
+    glibc's heap, not to the OS: glibc raises its mmap threshold to the size of the last large block freed, so
+    the next entries of that size come from the heap, and a run of 14 stages grew the process by ~30 MiB a
+    stage (RSS 960 MiB instead of 430 MiB for the default job) with no rows alive. Trimming after each release
+    keeps RSS at what is in use; it costs a few milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+

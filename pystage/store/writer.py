@@ -32,7 +32,7 @@ import torch
 from pystage.store.chunkfile import STAGING_BYTES, ChunkFile, chunk_crcs, fsync_dir, is_enospc
 from pystage.store.errors import StoreDiskFullError
 from pystage.store.format import chunk_rows_for
-from pystage.store.memory import MemoryRows, as_numpy
+from pystage.store.memory import MemoryRows, as_numpy, trim_host_heap
 
 log = logging.getLogger(__name__)
 CRC_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
@@ -195,6 +195,12 @@ class EntryWriter:
                 self.pool.shutdown(wait=False)
             if self.lock is not None:
                 self.lock.release()
+            # the rows belong to the entry (it frees them once the copy is on disk): the writer lets go of them,
+            # and of its page-locked staging buffers, as soon as it is done
+            host = self.memory is not None and self.memory.device.type == "cpu"
+            self.memory, self._np, self._copy = None, None, _DeviceCopier()
+            if host:  # the last reference to rows the entry already released
+                trim_host_heap()
             self._checksummed.set()
             self._done.set()
 
