@@ -44,3 +44,17 @@ def test_bench_train_runs_plain_beside_the_methods_and_reports_the_ratios(tmp_pa
     plain = data["runs"][0]
     assert plain["wall_s"] > 0 and 0.0 <= plain["val_acc"] <= 1.0 and plain["store_bytes"] == 0
     assert data["total_vs_plain_throughput"] > 0 and data["partial_vs_total_wall"] > 0
+    assert plain["measured_peak_mib"] is None and plain["rss_peak_mib"] > 0  # CPU: no live-tensor accounting
+
+
+def test_bench_train_hands_compile_mode_to_fit(monkeypatch, capsys):
+    from pystage.bench import train as bench_train
+    from pystage.bench.cli import main
+
+    specs = []
+    monkeypatch.setattr(bench_train, "run_method", lambda spec, *a: specs.append(spec) or {"method": spec["method"]})
+    assert main(["train", "--model", "cnn2", "--n", "60", "--val-n", "20", "--methods", "total,partial",
+                 "--compile-mode", "reduce-overhead"]) == 0
+    assert [s["compile_mode"] for s in specs] == ["reduce-overhead", "reduce-overhead"]
+    assert main(["train", "--model", "cnn2", "--n", "60", "--val-n", "20", "--methods", "total"]) == 0
+    assert specs[-1]["compile_mode"] is None

@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", help="memory budget (e.g. 64MiB): partial methods plan their split points under it, "
                    "total is marked 'does not fit' when its predicted peak exceeds it")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="pystage's methods train each stage under torch.compile(mode=...) (fit's compile_mode; "
+                   "reduce-overhead: CUDA graphs on a GPU); default: eager")
     p.add_argument("--json", metavar="PATH", help="write the runs as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart of wall time, training memory and accuracy")
     p.add_argument("--nproc", type=positive_int, default=1, help="also run each method data-parallel on N processes "
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     print_environment(env)
     base = {"model": args.model, "data": args.data, "path": args.path, "n": args.n, "val_n": args.val_n,
             "epochs": args.epochs, "batch_size": args.batch_size, "device": args.device, "seed": args.seed,
-            "threads": args.threads}
+            "threads": args.threads, "compile_mode": args.compile_mode}
     if args.nproc > 1:  # each method on 1 and on N processes (pystage/bench/train_dist.py); plain is one process
         from pystage.bench.train_dist import run_distributed
 

@@ -67,7 +67,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         result = pystage.fit(model, train, val, method=spec["method"], epochs=spec["epochs"],
                              batch_size=spec["batch_size"], store=pystage.FeatureStore(tmp), device=spec["device"],
                              checkpoint_dir=f"{tmp}/stages", progress=False, share_prefixes=False,
-                             seed=spec["seed"], memory_budget=spec.get("memory_budget"), measure_memory=True)
+                             seed=spec["seed"], memory_budget=spec.get("memory_budget"), measure_memory=True,
+                             compile_mode=spec.get("compile_mode"))
         wall = time.perf_counter() - t0
     report = result.report
     out = _figures(spec, wall, report, result, rss_before, len(train))
