@@ -72,8 +72,17 @@ def _cxx_std() -> str:
     return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp where torch's intra-op backend is OpenMP (Linux wheels): ``at::parallel_for`` in our kernels is an
+    inline template that runs serially unless _OPENMP is defined where it is compiled. The GOMP symbols resolve
+    to the OpenMP runtime torch has already loaded (nothing is linked here), so there is one thread pool."""
+    if sys.platform == "darwin" or os.environ.get("PYSTAGE_NO_OPENMP") or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def extensions():
-    cxx = ["-O3", _cxx_std()]
+    cxx = ["-O3", _cxx_std(), *_openmp_flags()]
     csrc = os.path.join("csrc")
     cpu_sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     exts = [
