@@ -1,5 +1,8 @@
 """``pystage-bench budget`` (the default job) on tiny settings: total does not fit, partial trains within the budget."""
+import importlib.util
 import json
+
+import pytest
 
 from pystage.bench import budget
 from pystage.bench.cli import main
@@ -10,7 +13,8 @@ TINY = ["--model", "flat-6-8", "--size", "8", "--n", "60", "--val-n", "20", "--e
 
 def test_default_job_shows_total_over_the_budget_and_partial_within(tmp_path, capsys):
     out, png = tmp_path / "budget.json", tmp_path / "budget.png"
-    assert main([*TINY, "--json", str(out), "--plot", str(png)]) == 0  # no job named: the default job
+    plotting = importlib.util.find_spec("matplotlib") is not None  # the 'plot' extra (CI installs it)
+    assert main([*TINY, "--json", str(out), *(["--plot", str(png)] if plotting else [])]) == 0  # the default job
     data = json.loads(out.read_text())
     assert data["benchmark"] == "budget" and data["budget_mib"] == 0.25
     total, partial, checkpoint = data["runs"]
@@ -26,7 +30,7 @@ def test_default_job_shows_total_over_the_budget_and_partial_within(tmp_path, ca
     assert all(s["measured_peak_mib"] <= 0.25 for s in partial["stages"])
     assert 0.0 <= partial["val_acc"] <= 1.0 and data["partial_fits"] is True
     assert checkpoint["wall_s"] > 0 and checkpoint["fits"] == (checkpoint["measured_peak_mib"] <= 0.25)
-    assert png.stat().st_size > 0
+    assert png.stat().st_size > 0 if plotting else not png.exists()
     text = capsys.readouterr().out
     assert "does not fit" in text and "partial trained in" in text and "measured_peak_mib" in text
 
@@ -51,3 +55,15 @@ def test_verdict_and_cells():
     assert cells[1]["fits"] == "yes" and cells[1]["val_acc"] == "90.0%" and cells[1]["stages"] == 3
     assert rows[1]["predicted_peak_mib"] == 1.4
     assert "5.00x the 2 MiB budget" in budget._summary(v, rows)
+
+
+@pytest.mark.parametrize("job", [[], ["train"]])
+def test_plot_without_matplotlib_is_a_one_line_error_before_the_job_runs(tmp_path, capsys, monkeypatch, job):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    png = tmp_path / "x.png"
+    assert main([*job, "--n", "60", "--val-n", "20", "--plot", str(png)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "needs matplotlib" in err[0] and err[0].startswith("pystage-bench")
+    assert not png.exists() and "running" not in captured.out  # refused before any run started

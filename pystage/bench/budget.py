@@ -25,7 +25,7 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Optional
 
-from pystage.bench.report import environment, format_table, print_environment, write_json
+from pystage.bench.report import environment, format_table, print_environment, require_plotting, write_json
 from pystage.bench.train import check_inputs, memory_note, parse_methods, positive_int, run_method
 from pystage.errors import UsageError
 
@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     methods = parse_methods(args.methods, METHODS)
+    require_plotting(args.plot)
     budget_mib = parse_bytes(args.budget, "--budget") / 2**20
     if budget_mib <= 0:
         raise UsageError(f"--budget must be > 0, got {args.budget!r}")

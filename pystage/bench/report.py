@@ -27,6 +27,20 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
+def require_plotting(path: str | None) -> None:
+    """Before a job runs: ``--plot PATH`` needs matplotlib (the ``plot`` extra); a one-line UsageError if it is
+    missing, instead of a traceback after the whole job has run."""
+    if path is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        from pystage.errors import UsageError
+
+        raise UsageError(f"--plot {path} needs matplotlib, which is not installed: "
+                         "pip install matplotlib (or the package's 'plot' extra)")
+
+
 def print_environment(env: dict[str, Any]) -> None:
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
 

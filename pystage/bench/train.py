@@ -17,7 +17,7 @@ import tempfile
 from typing import Any, Optional
 
 from pystage.bench.errors import from_json
-from pystage.bench.report import environment, format_table, print_environment, write_json
+from pystage.bench.report import environment, format_table, print_environment, require_plotting, write_json
 from pystage.errors import UsageError
 
 METHODS = ("total", "partial", "partial-recompute", "checkpoint", "plain")  # plain: pystage/bench/plain.py
@@ -210,6 +210,7 @@ def memory_note(runs: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods, METHODS)
+    require_plotting(args.plot)
     train = check_inputs(args)
     env = environment(args.device)
     print_environment(env)
