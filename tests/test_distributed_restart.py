@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import torch
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "dist_restart_script.py")

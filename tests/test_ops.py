@@ -192,7 +192,7 @@ def reference_fast(kind, x, wf, bf, wt, bt, in_split, out, conv_args=None):
 
     Returns y, and the grads (gx, gw_train, gb_train) that the op must reproduce.
     """
-    F_, T, in_active = wf.shape[0], wt.shape[0], wt.shape[1]
+    in_active = wt.shape[1]
     W, b = _dense_blocks(x.shape[1:2] + wt.shape[2:], wf, bf, wt, bt, in_split, in_active, out)
     W.requires_grad_()
     if b is not None:

@@ -193,8 +193,8 @@ def test_x_y_arrays_are_accepted(tmp_path):
                       checkpoint_dir=tmp_path / "c", progress=False, config=TrainConfig(lr=3e-3))
     ref = pystage.fit(model(), train, val, method="total", store=FeatureStore(tmp_path / "s"),
                       checkpoint_dir=tmp_path / "c", progress=False, config=TrainConfig(lr=3e-3))
-    assert ref.report.stages[0].cached  # the same data, however it was given: the same stage
-    assert isinstance(arrays[0], np.ndarray)
+    assert not res.report.stages[0].cached and ref.report.stages[0].cached  # the same data however given: one stage
+    assert res.report.val_acc == ref.report.val_acc and isinstance(arrays[0], np.ndarray)
 
 
 def test_float64_stored_features_train(tmp_path):
