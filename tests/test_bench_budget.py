@@ -67,3 +67,16 @@ def test_plot_without_matplotlib_is_a_one_line_error_before_the_job_runs(tmp_pat
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "needs matplotlib" in err[0] and err[0].startswith("pystage-bench")
     assert not png.exists() and "running" not in captured.out  # refused before any run started
+
+
+def test_a_stage_on_a_gpu_counts_its_own_memory_not_what_earlier_stages_left():
+    """On CUDA a stage's training memory is ``used_mib`` (max_memory_allocated above the stage's start: what fit's
+    cap holds to the budget), not the process's whole max_memory_allocated (cuBLAS workspaces, other weights)."""
+    import types
+
+    from pystage.bench.train_worker import stage_memory
+
+    stage = types.SimpleNamespace(peak_mem_mib=75.0, used_mib=9.5, measured_peak_mib=8.0)
+    assert stage_memory(stage, "cuda") == 9.5
+    assert stage_memory(stage, "cpu") == 8.0  # the live tensors of the measured step
+    assert stage_memory(types.SimpleNamespace(peak_mem_mib=75.0, used_mib=None), "cuda") == 75.0

@@ -78,7 +78,9 @@ if [ "$DEVICE" = cuda ]; then
   PAPER_FULL="--data synthetic --n 49000 --n-val 1000 --table both --sweeps shared --search population --halving off --threads 0"
   SEARCH="--model cnn6 --n 4900 --n-val 500 --repeats 1 --threads 0"
   SEARCH_FULL="--model cnn6 --n 49000 --n-val 1000 --repeats 1 --threads 0"
-  BUDGET="--threads 0 --parallel 1"
+  # the default job's 5 MiB cannot be planned on a GPU: stage 1 pays the one-off cuBLAS workspaces (65 MiB on sm_90),
+  # so no split fits under 69 MiB; at 3x32x32, batch 512 end to end needs ~1 GiB (estimate), > 4x 240 MiB
+  BUDGET="--threads 0 --parallel 1 --size 32 --batch-size 512 --budget 240MiB --n 2048 --val-n 512 --epochs 1"
   LAYERS=""
   ARCH=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
   BUILD="TORCH_CUDA_ARCH_LIST='${ARCH:-9.0}' MAX_JOBS=\${MAX_JOBS:-\$(nproc)} $PY -m pip install --no-build-isolation --no-deps -e . \

@@ -12,7 +12,8 @@ Memory figures of a run:
 * ``measured_peak_mib``: the training memory a budget limits, the largest over
   stages. On CPU the live tensor bytes of one steady-state training step
   (``fit(measure_memory=True)``: parameters, optimizer state, batch, activations,
-  gradients: what the planner predicts); on CUDA ``torch.cuda.max_memory_allocated``.
+  gradients: what the planner predicts); on CUDA the stage's own ``torch.cuda.max_memory_allocated``, above
+  what was allocated when it started (``StageReport.used_mib``: what fit's cap holds to the budget).
 * ``rss_peak_mib``: the process's peak resident set size (CPU: sampled while fit
   runs; CUDA: the process's lifetime peak): torch, Python and buffers included.
 """
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 TRAINING_MEMORY = {"cpu": "live tensor bytes of a steady-state training step (CPU)",
-                   "cuda": "torch.cuda.max_memory_allocated while each stage trains"}
+                   "cuda": "torch.cuda.max_memory_allocated above each stage's start (the stage's own)"}
 
 
 def load_data(spec: dict[str, Any]):
@@ -89,8 +90,10 @@ def _gathered(out: dict[str, Any], report: Any) -> dict[str, Any]:
 
 def stage_memory(stage: Any, device: str) -> float:
     """The training memory (MiB) a budget limits, of one ``StageReport``."""
-    if torch.device(device).type == "cuda":  # fit's stage meter measured max_memory_allocated
-        return stage.peak_mem_mib
+    if torch.device(device).type == "cuda":
+        # what fit's StageCap holds to the budget: max_memory_allocated above what was allocated when the stage
+        # started (not the earlier stages' weights, the cuBLAS workspaces stage 1 made, the data held on the device)
+        return stage.used_mib if stage.used_mib is not None else stage.peak_mem_mib
     return stage.measured_peak_mib or 0.0  # live tensors of the measured step (the meter sampled RSS)
 
 

@@ -54,6 +54,8 @@ class Feed:
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32, slots: int = 3, depth: int = 2) -> None:
         self.device, self.dtype, self.depth = torch.device(device), dtype, depth
         cuda = self.device.type == "cuda"
+        if cuda and self.device.index is None:  # "cuda" is the current device: a tensor there is on cuda:<i>
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._slots = [_Slot() for _ in range(slots)] if cuda else []
         self._stream = torch.cuda.Stream(self.device) if cuda else None
         self._next = 0
