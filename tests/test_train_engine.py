@@ -183,6 +183,29 @@ def test_compile_mode_is_checked_and_compiles_the_stage_step(tmp_path, monkeypat
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_the_measured_step_of_a_compiled_net_runs_its_original_module():
+    """A compiled graph (a CUDA graph replay under "reduce-overhead") would hide its ops from the live-tensor
+    accounting; the measured step runs the same parameters eagerly. (torch 2.13's dynamo also runs a frame eagerly
+    while a dispatch mode is active; the engine does not rely on that.)"""
+    runs = []
+
+    def counting(gm, example_inputs):  # a torch.compile backend that counts the compiled graph's runs
+        def run(*args):
+            runs.append(1)
+            return gm.forward(*args)
+        return run
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    engine = Engine(torch.compile(net, backend=counting, dynamic=False), pystage.TrainConfig(), torch.device("cpu"))
+    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 3, (10,))
+    engine.step(x, y, 10)
+    assert runs, "the compiled graph ran for a plain step"
+    before = len(runs)
+    _, _, _, peak = engine.measured_step(x, y, 10)
+    assert len(runs) == before and peak > sum(p.numel() * 4 for p in net.parameters())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_an_epoch_on_cuda_never_waits_for_the_device(tmp_path):
