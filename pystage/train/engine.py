@@ -96,11 +96,9 @@ class Engine:
             F.mse_loss(out.reshape(y.shape), y, reduction="sum")
         return summed * weight, 1.0 / (weight * per_row)
 
-    def step(self, x: Tensor, y: Tensor, rows: int, eager: bool = False) -> tuple[Tensor, Tensor, float]:
-        """One optimizer step on a batch already on the device: (output, loss, host factor of the loss).
-        ``eager``: run a ``torch.compile``d net's original module (the same parameters)."""
-        net = getattr(self.net, "_orig_mod", self.net) if eager else self.net
-        out = net(x)  # (B, num_classes) or the regression target's shape
+    def step(self, x: Tensor, y: Tensor, rows: int) -> tuple[Tensor, Tensor, float]:
+        """One optimizer step on a batch already on the device: (output, loss, host factor of the loss)."""
+        out = self.net(x)  # (B, num_classes) or the regression target's shape
         loss, factor = self._loss(out, y, rows)
         loss.backward()
         self.optimizer.step()
@@ -115,8 +113,14 @@ class Engine:
         tracker = LiveBytes(x.device, 512 if x.device.type == "cuda" else 1)
         state = [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
         tracker.track([*self.module.parameters(), *self.module.buffers(), *state, x, y])
-        with tracker:  # eagerly: a compiled graph (a CUDA graph replay) would hide its ops from the accounting
-            out, loss, factor = self.step(x, y, rows, eager=True)
+        # eagerly, on the compiled net's original module (the same parameters): a compiled graph (a CUDA graph
+        # replay) would hide its ops from the accounting
+        compiled_net, self.net = self.net, getattr(self.net, "_orig_mod", self.net)
+        try:
+            with tracker:
+                out, loss, factor = self.step(x, y, rows)
+        finally:
+            self.net = compiled_net
         return out, loss, factor, tracker.peak
 
     # -- many steps --------------------------------------------------------------------------------------------
