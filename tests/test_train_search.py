@@ -202,6 +202,20 @@ def test_fit_with_search_reports_every_trial_and_keeps_the_best(method, tmp_path
     assert rep.val_acc > 0.4  # chance is 25%
 
 
+@pytest.mark.parametrize("halving", [True, False])
+def test_a_searched_stage_reports_the_memory_its_search_step_took(tmp_path, halving):
+    """The measured step (the population's, or the first trial's one at a time) is the stage's training memory,
+    whichever trial wins and however many rungs the search ran."""
+    train, val = task()
+    peaks = {}
+    for mode in ("population", "sequential"):
+        search = SearchConfig(draws=3, halving=halving, lr=3e-3, seed=1, mode=mode)
+        rep = fit(train, val, tmp_path / mode, method="partial", search=search, epochs=1).report
+        peaks[mode] = [s.measured_peak_mib for s in rep.stages]
+        assert all(p is not None and p > 0 for p in peaks[mode]), peaks
+    assert all(p > q for p, q in zip(peaks["population"], peaks["sequential"]))  # 4 members' state at once
+
+
 def test_search_is_deterministic_and_its_winner_is_cached(tmp_path):
     train, val = task(n=200)
     search = SearchConfig(draws=3, halving=True, lr=3e-3)

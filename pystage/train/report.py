@@ -66,7 +66,8 @@ class FitReport:
         from pystage.bench.report import format_table
 
         meter = "cuda_peak_mib" if self.device.startswith("cuda") else "rss_peak_mib"  # what peak_mem_mib measured
-        rows = [{**asdict(s), meter: s.peak_mem_mib, "val_acc": _pct(s.val_acc), "train_acc": _pct(s.train_acc)}
+        rows = [{**asdict(s), meter: s.peak_mem_mib, "val_acc": _pct(s.val_acc), "train_acc": _pct(s.train_acc),
+                 "measured_peak_mib": "-" if s.measured_peak_mib is None else s.measured_peak_mib}  # not measured
                 for s in self.stages]
         cols = ["stage", "layers", "seconds", "measured_peak_mib", "train_acc", "val_acc", "lr", "weight_decay",
                 "trials", "cached", "store_bytes", meter]

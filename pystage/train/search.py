@@ -159,6 +159,8 @@ def run_search(engine: Engine, configs: list[TrainConfig], source: BatchSource, 
     best = alive[0]
     if best.failed is not None:
         raise next(t.failed for t in trials if t.failed is not None)
+    # the step measured (the population's, or the first trial's in a sequential search) is the stage's figure
+    best.stats.measured_peak = max((t.stats.measured_peak for t in trials if t.stats.measured_peak), default=None)
     return best, [{**t.summary(), "mode": mode} for t in trials]
 
 
@@ -193,6 +195,7 @@ def _population(engine: Engine, trials: list[Trial], source: BatchSource, val: O
             results = pop.run(source, reach - cursor.steps, cursor, measure_at=1 if measure else -1)
             for t, r, acc in zip(members, results, pop.evaluate(val)):
                 t.cursor = replace(cursor)
+                r.stats.measured_peak = r.stats.measured_peak or t.stats.measured_peak  # measured in rung 1
                 if r.failed is None:
                     t.stats, t.val_acc = r.stats, acc
                 else:  # as in the sequential search: last rung's stats kept, no score
