@@ -79,6 +79,12 @@ Dims3 dims3(const at::Tensor& t, const char* op, const char* name) {
 
 cudaStream_t stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
+// [c0, c0 + n) must be channels of t (its dim 1, d.n of them).
+void check_channels(const at::Tensor& t, const Dims3& d, int64_t c0, int64_t n, const char* op, const char* name) {
+  TORCH_CHECK(c0 >= 0 && n >= 0 && c0 + n <= d.n, "pystage: ", op, ": channel range [", c0, ", ", c0 + n,
+              ") must lie in [0, ", d.n, "] (", name, "'s dim 1, shape ", shape_str(t), ")");
+}
+
 at::Tensor gather_dim1(const at::Tensor& src_in, const at::Tensor& idx_in) {
   constexpr const char* op = "gather_dim1";
   check_on_cuda(src_in, op, "src");
@@ -124,8 +130,7 @@ at::Tensor bias_grad(const at::Tensor& grad_in, int64_t c0, int64_t n) {
   constexpr const char* op = "bias_grad";
   check_on_cuda(grad_in, op, "grad");
   const auto d = dims3(grad_in, op, "grad");
-  TORCH_CHECK(c0 >= 0 && n >= 0 && c0 + n <= d.n, "pystage: ", op, ": channel range [", c0, ", ", c0 + n,
-              ") must lie in [0, ", d.n, "] (grad's dim 1, shape ", shape_str(grad_in), ")");
+  check_channels(grad_in, d, c0, n, op, "grad");
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const auto grad = grad_in.contiguous();
   const int dtype = dtype_code(grad, op, "grad");
@@ -149,8 +154,7 @@ at::Tensor narrow_copy_dim1(const at::Tensor& src_in, int64_t c0, int64_t n, at:
   constexpr const char* op = "narrow_copy_dim1";
   check_on_cuda(src_in, op, "src");
   const auto d = dims3(src_in, op, "src");
-  TORCH_CHECK(c0 >= 0 && n >= 0 && c0 + n <= d.n, "pystage: ", op, ": channel range [", c0, ", ", c0 + n,
-              ") must lie in [0, ", d.n, "] (src's dim 1, shape ", shape_str(src_in), ")");
+  check_channels(src_in, d, c0, n, op, "src");
   const c10::cuda::CUDAGuard guard(src_in.device());
   const auto src = src_in.contiguous();
   auto out = at::empty(with_dim1(src, n), src.options());

@@ -158,8 +158,7 @@ class Engine:
         remaining = n_steps
         while remaining is None or remaining > 0:
             batches = itertools.islice(source.batches(cursor.epoch), cursor.batch, None)  # continue a stopped epoch
-            fed = self.feed.batches(batches, threaded=getattr(source, "prefetch", False) and self.device.type == "cpu")
-            for x, y in self.progress.wrap(fed, desc=f"{self.desc} epoch {cursor.epoch + 1}"):
+            for x, y in self.progress.wrap(self._fed(batches, source), desc=f"{self.desc} epoch {cursor.epoch + 1}"):
                 rows = global_rows(source, cursor.batch) if source.split_by_rank else len(y)
                 step = cursor.steps
                 cursor.steps, cursor.batch = cursor.steps + 1, cursor.batch + 1
@@ -200,8 +199,11 @@ class Engine:
 
     def eval_batches(self, source: BatchSource) -> Iterable[tuple[Tensor, Tensor]]:
         """Every batch of ``source`` on the device, fed one ahead, in epoch 0's order (order does not matter)."""
-        return self.feed.batches(source.batches(0), threaded=getattr(source, "prefetch", False)
-                                 and self.device.type == "cpu")
+        return self._fed(source.batches(0), source)
+
+    def _fed(self, batches: Iterable[Any], source: BatchSource) -> Iterable[tuple[Tensor, Tensor]]:
+        """``batches`` on the device, fed one ahead (through a thread for a CPU source that reads row by row)."""
+        return self.feed.batches(batches, threaded=getattr(source, "prefetch", False) and self.device.type == "cpu")
 
     # -- evaluation ----------------------------------------------------------------------------------------
     @torch.no_grad()
